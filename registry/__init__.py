@@ -1,0 +1,1 @@
+"""Registry: promotion of fold models and ensemble inference."""

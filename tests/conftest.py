@@ -1,0 +1,90 @@
+"""Shared fixtures: real digit PNGs, a private MLflow SQLite store, tiny training configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from training.config import TrainConfig
+
+TINY = {
+    "model": "test_efficientnet",
+    "pretrained": "none",
+    "image_size": 32,
+    "batch_size": 16,
+    "stage1_epochs": 1,
+    "stage2_epochs": 2,
+    "stage2_lr": 1e-3,
+    "unfreeze_blocks": 2,
+    "patience": 3,
+    "experiment_name": "tests",
+}
+
+
+def write_digits(root: Path, per_class: int = 8, classes: int = 4, offset: int = 0) -> Path:
+    """Real handwritten digits as PNGs in class folders, with a manifest (writer groups)."""
+    digits = load_digits()
+    rows = []
+    for label in range(classes):
+        indices = np.flatnonzero(digits.target == label)[offset : offset + per_class]
+        for rank, index in enumerate(indices):
+            path = root / str(label) / f"d{index:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image = (digits.images[index] * (255 / 16)).astype(np.uint8)
+            Image.fromarray(image, mode="L").save(path)
+            rows.append((path.relative_to(root).as_posix(), str(label), f"g{rank // 2}_{label}"))
+    pd.DataFrame(rows, columns=["path", "label", "person"]).to_csv(
+        root / "manifest.csv", index=False
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """40 real digit images: 4 classes x 10, read-only for tests."""
+    return write_digits(tmp_path_factory.mktemp("digits"), per_class=10)
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty, fully migrated MLflow SQLite file; copying it saves ~3 s of migrations."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch, migrated_store) -> str:
+    """A fresh MLflow SQLite store (and artifact root) in tmp_path for this test."""
+    shutil.copy(migrated_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@pytest.fixture
+def tiny_config(digits_dir) -> TrainConfig:
+    return TrainConfig(data=str(digits_dir), **TINY)
+
+
+def all_runs(experiment: str = "tests") -> pd.DataFrame:
+    if mlflow.get_experiment_by_name(experiment) is None:
+        return pd.DataFrame()
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+os.environ.setdefault("TQDM_DISABLE", "1")

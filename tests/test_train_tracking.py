@@ -1,0 +1,180 @@
+"""A real tiny `train` run against a real MLflow SQLite store: what lands in the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import all_runs
+
+from training import train
+from training.checkpoints import load_checkpoint
+from training.engine import ImageArrayDataset, make_loader, predict_probs
+from training.pipeline import execute, plan_training
+from training.splits import holdout_split
+from training.tracking import RunTracker
+from training.transforms import eval_transform
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, digits_dir):
+    """One tiny run on its own store, shared by the assertions below."""
+    folder = tmp_path_factory.mktemp("run")
+    (digits_dir / "2" / "corrupt.png").write_bytes(b"\x89PNG broken")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        from conftest import TINY
+
+        from training.config import TrainConfig
+
+        cfg = TrainConfig(data=str(digits_dir), **TINY)
+        outcome = train.run(cfg, progress=False)
+        run = mlflow.get_run(outcome.run_id)
+        client = mlflow.MlflowClient()
+        artifacts = {
+            f.path
+            for top in client.list_artifacts(outcome.run_id)
+            for f in ([top] if not top.is_dir else client.list_artifacts(outcome.run_id, top.path))
+        }
+        local = mlflow.artifacts.download_artifacts(run_id=outcome.run_id, dst_path=str(folder))
+        history = client.get_metric_history(outcome.run_id, "val_f1_macro")
+        model = mlflow.pytorch.load_model(outcome.model_uri)
+        yield {
+            "cfg": cfg,
+            "outcome": outcome,
+            "run": run,
+            "artifacts": artifacts,
+            "local": local,
+            "history": history,
+            "model": model,
+        }
+    (digits_dir / "2" / "corrupt.png").unlink()
+
+
+def test_run_finished_with_every_param(finished_run):
+    run, cfg = finished_run["run"], finished_run["cfg"]
+    assert run.info.status == "FINISHED"
+    for field in dataclasses.fields(cfg):
+        assert field.name in run.data.params, field.name
+    assert run.data.params["stage2_lr"] == "0.001"
+    assert run.data.params["weights_source"] == "none (random init)"
+    assert run.data.params["skipped_images"] == "1"
+
+
+def test_metrics_per_epoch_with_stage(finished_run):
+    run = finished_run["run"]
+    assert [m.step for m in finished_run["history"]] == [0, 1, 2]
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_f1_macro",
+        "val_precision_macro",
+        "val_recall_macro",
+        "lr",
+        "epoch_seconds",
+        "images_per_s",
+        "stage",
+    ):
+        assert key in run.data.metrics, key
+    stages = mlflow.MlflowClient().get_metric_history(run.info.run_id, "stage")
+    assert [m.value for m in stages] == [1, 2, 2]
+
+
+def test_every_artifact_is_logged(finished_run):
+    expected = {
+        "config.yaml",
+        "data/split.csv",
+        "data/skipped_images.csv",
+        "evaluation/confusion_matrix.json",
+        "evaluation/confusion_matrix.png",
+        "evaluation/classification_report.json",
+        "evaluation/classification_report.txt",
+        "evaluation/val_predictions.csv",
+        "plots/learning_curves.png",
+        "plots/probability_distribution.png",
+        "checkpoints/best_stage1.pt",
+        "checkpoints/best_stage2.pt",
+        "checkpoints/final.pt",
+    }
+    assert expected <= finished_run["artifacts"]
+    local = finished_run["local"]
+    matrix = json.loads(open(f"{local}/evaluation/confusion_matrix.json").read())
+    assert np.asarray(matrix["counts"]).sum() == 8  # 40 readable images, 20 % validation
+    skipped = pd.read_csv(f"{local}/data/skipped_images.csv")
+    assert skipped["path"].str.endswith("corrupt.png").all()
+    split = pd.read_csv(f"{local}/data/split.csv")
+    assert set(split["split"]) == {"train", "val"} and len(split) == 40
+
+
+def test_dataset_is_a_run_input_with_digest(finished_run):
+    inputs = finished_run["run"].inputs.dataset_inputs
+    assert len(inputs) == 1
+    assert inputs[0].dataset.digest
+    assert any(t.key == "content_digest" for t in inputs[0].tags)
+
+
+def test_logged_model_reloads_and_predicts_like_the_checkpoint(finished_run, digits_dir):
+    model = finished_run["model"]
+    assert not model.training
+    local = finished_run["local"]
+    reloaded = load_checkpoint(f"{local}/checkpoints/best_stage2.pt")
+    info = mlflow.models.get_model_info(finished_run["outcome"].model_uri)
+    meta = info.metadata
+    assert meta["class_names"] == ["0", "1", "2", "3"] and meta["image_size"] == 32
+    assert info.signature is not None
+    images = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        logged = model(torch.from_numpy(images)).numpy()
+        pyfunc = mlflow.pyfunc.load_model(finished_run["outcome"].model_uri).predict(images)
+    assert np.allclose(logged, np.asarray(pyfunc), atol=1e-5)
+    with torch.no_grad():
+        assert reloaded(torch.from_numpy(images)).shape == (3, 4)
+
+
+def test_val_predictions_match_the_logged_model(finished_run, digits_dir):
+    outcome, model = finished_run["outcome"], finished_run["model"]
+    table = pd.read_csv(f"{finished_run['local']}/evaluation/val_predictions.csv")
+    from training.data import decode_image
+
+    meta = mlflow.models.get_model_info(outcome.model_uri).metadata
+    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+    images = [decode_image(p, 32) for p in table["path"]]
+    labels = [int(v) for v in table["label"]]
+    loader = make_loader(ImageArrayDataset(images, labels, transform), 8, False, 0)
+    probs, _ = predict_probs(model, loader, torch.device("cpu"), progress=False)
+    stored = table[[c for c in table.columns if c.startswith("prob_")]].to_numpy()
+    assert np.allclose(probs, stored, atol=1e-4)
+    assert np.allclose(outcome.val_probs, stored, atol=1e-6)
+
+
+def test_a_run_that_raises_ends_failed(tracking, tiny_config):
+    from training.train import load_data
+
+    data = load_data(tiny_config)
+    plan = plan_training(tiny_config, data, holdout_split(data.labels, None, 0.2, 0))
+
+    def explode(record):
+        raise RuntimeError("boom in epoch callback")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with RunTracker("tests") as tracker:
+            execute(plan, tracker, on_epoch=explode, progress=False)
+    runs = all_runs()
+    assert runs["status"].tolist() == ["FAILED"]
+    assert "boom" in runs["tags.error"].iloc[0]
+
+
+def test_an_interrupted_run_ends_killed(tracking):
+    with pytest.raises(KeyboardInterrupt):
+        with RunTracker("tests"):
+            raise KeyboardInterrupt
+    assert all_runs()["status"].tolist() == ["KILLED"]

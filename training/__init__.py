@@ -1,0 +1,1 @@
+"""Training: data, model, loop, metrics, tracking and the train / k-fold jobs."""

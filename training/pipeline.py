@@ -1,0 +1,249 @@
+"""One training run end to end: plan (validate, no side effects), then fit and log to a run."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import timm
+import torch
+
+import training
+from training import plots
+from training.checkpoints import save_checkpoint
+from training.config import TrainConfig, config_to_dict, config_to_yaml
+from training.data import LabelledImages
+from training.engine import ImageArrayDataset, make_loader, pick_device
+from training.fit import FitResult, fit
+from training.losses import create_loss, resolve_class_weights
+from training.metrics import confusion, report, report_text
+from training.model import Classifier, ModelInfo, create_classifier
+from training.tracking import RunTracker, scratch_dir
+from training.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainingPlan:
+    """Everything decided before a run exists; building it raises on any bad input."""
+
+    cfg: TrainConfig
+    data: LabelledImages
+    val_mask: np.ndarray
+    class_weights: list[float] | None
+    model: Classifier
+    model_info: ModelInfo
+
+    @property
+    def train_indices(self) -> np.ndarray:
+        return np.flatnonzero(~self.val_mask)
+
+    @property
+    def val_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.val_mask)
+
+
+def plan_training(cfg: TrainConfig, data: LabelledImages, val_mask: np.ndarray) -> TrainingPlan:
+    """Resolve class weights and build the model (weights errors surface here)."""
+    seed_everything(cfg.seed)
+    train_labels = data.labels[~val_mask]
+    weights = resolve_class_weights(
+        cfg.class_weights, train_labels, len(data.class_names), cfg.class_weight_strength
+    )
+    model, info = create_classifier(cfg.model, len(data.class_names), cfg.dropout, cfg.pretrained)
+    return TrainingPlan(cfg, data, val_mask, weights, model, info)
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run hands back to k-fold, tuning and the CLI summary."""
+
+    run_id: str
+    best: dict[str, float]
+    history: list[dict[str, float]]
+    val_indices: np.ndarray
+    val_probs: np.ndarray
+    model_uri: str
+
+
+def split_table(data: LabelledImages, val_mask: np.ndarray) -> pd.DataFrame:
+    table = data.table[["path", "label", "group"]].copy()
+    table["split"] = np.where(val_mask, "val", "train")
+    return table
+
+
+def model_metadata(plan: TrainingPlan) -> dict:
+    """What inference needs to preprocess exactly as training did."""
+    cfg = plan.cfg
+    return {
+        "model_name": cfg.model,
+        "class_names": list(plan.data.class_names),
+        "image_size": cfg.image_size,
+        "mean": list(plan.model_info.mean),
+        "std": list(plan.model_info.std),
+        "face_crop": cfg.augment == "facecrop",
+        "dropout": cfg.dropout,
+    }
+
+
+def pip_requirements() -> list[str]:
+    import albumentations
+    import sklearn
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"timm=={timm.__version__}",
+        f"mlflow=={version('mlflow')}",
+        f"albumentations=={albumentations.__version__}",
+        f"scikit-learn=={sklearn.__version__}",
+        f"numpy=={np.__version__}",
+        "pillow",
+        "pandas",
+    ]
+
+
+def execute(
+    plan: TrainingPlan, tracker: RunTracker, on_epoch=None, progress: bool = True
+) -> TrainOutcome:
+    """Fit the plan and log params, per-epoch metrics, artifacts, checkpoints and the model."""
+    cfg, data = plan.cfg, plan.data
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    meta = model_metadata(plan)
+    tracker.log_params(
+        {
+            **config_to_dict(cfg),
+            "num_classes": len(data.class_names),
+            "class_names": data.class_names,
+            "class_weights_resolved": plan.class_weights or "none",
+            "weights_source": plan.model_info.weights_source,
+            "train_images": int((~plan.val_mask).sum()),
+            "val_images": int(plan.val_mask.sum()),
+            "skipped_images": len(data.skipped),
+            "data_digest": data.digest,
+            "device": device.type,
+        }
+    )
+    tracker.set_tags({"job": "train", "weights_source": plan.model_info.weights_source})
+    tracker.log_text(config_to_yaml(cfg), "config.yaml")
+    splits = split_table(data, plan.val_mask)
+    tracker.log_csv(splits, "data/split.csv")
+    tracker.log_dataset(splits, data.source, "images", "training", data.digest)
+    tracker.log_metrics({"skipped_images": len(data.skipped)})
+    if data.skipped:
+        skipped = pd.DataFrame(data.skipped, columns=["path", "reason"])
+        tracker.log_csv(skipped, "data/skipped_images.csv")
+
+    images = data.images
+    labels = data.labels
+    train_set = ImageArrayDataset(
+        [images[i] for i in plan.train_indices],
+        labels[plan.train_indices],
+        train_transform(cfg.augment, cfg.image_size, plan.model_info.mean, plan.model_info.std),
+    )
+    val_set = ImageArrayDataset(
+        [images[i] for i in plan.val_indices],
+        labels[plan.val_indices],
+        eval_transform(cfg.image_size, plan.model_info.mean, plan.model_info.std),
+    )
+    train_loader = make_loader(
+        train_set, cfg.batch_size, True, cfg.seed, cfg.num_workers, cfg.balanced_sampling
+    )
+    val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers)
+    loss_fn = create_loss(cfg.loss, plan.class_weights, cfg.label_smoothing, cfg.focal_gamma)
+
+    def log_epoch(record: dict[str, float]) -> None:
+        tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if on_epoch is not None:
+            on_epoch(record)
+
+    result = fit(
+        plan.model, train_loader, val_loader, loss_fn, cfg, device, None, log_epoch, progress
+    )
+    plan.model.load_state_dict(result.best_state)
+    plan.model.to("cpu").eval()
+    model_uri = log_results(plan, tracker, result, meta, val_set)
+    best = {k: v for k, v in result.best_epoch.items() if k.startswith("val_")}
+    return TrainOutcome(
+        run_id=tracker.run_id,
+        best=best,
+        history=result.history,
+        val_indices=plan.val_indices,
+        val_probs=result.val_probs,
+        model_uri=model_uri,
+    )
+
+
+def log_results(
+    plan: TrainingPlan,
+    tracker: RunTracker,
+    result: FitResult,
+    meta: dict,
+    val_set: ImageArrayDataset,
+) -> str:
+    """Evaluation artifacts of the best weights, checkpoints and the logged model."""
+    names = plan.data.class_names
+    probs, targets = result.val_probs, result.val_targets
+    preds = probs.argmax(axis=1)
+    tracker.log_metrics({f"best_{k}": v for k, v in result.best_epoch.items() if k != "step"})
+    matrix = confusion(targets, preds, names)
+    tracker.log_dict(matrix, "evaluation/confusion_matrix.json")
+    tracker.log_figure(
+        plots.confusion_matrix_figure(matrix["counts"], names, "validation confusion matrix"),
+        "evaluation/confusion_matrix.png",
+    )
+    tracker.log_dict(report(targets, preds, names), "evaluation/classification_report.json")
+    tracker.log_text(report_text(targets, preds, names), "evaluation/classification_report.txt")
+    tracker.log_figure(plots.learning_curves(result.history), "plots/learning_curves.png")
+    tracker.log_figure(
+        plots.probability_distribution(probs, targets), "plots/probability_distribution.png"
+    )
+    tracker.log_csv(predictions_table(plan, probs), "evaluation/val_predictions.csv")
+    tracker.log_csv(pd.DataFrame(result.history), "evaluation/history.csv")
+
+    with scratch_dir() as folder:
+        ckpt_meta = {**meta, "config": config_to_dict(plan.cfg)}
+        for stage_name, (state, record) in result.stage_best.items():
+            path = folder / f"best_{stage_name}.pt"
+            save_checkpoint(path, state, {**ckpt_meta, "metrics": record})
+            tracker.log_artifact(path, "checkpoints")
+        save_checkpoint(folder / "final.pt", result.final_state, ckpt_meta)
+        tracker.log_artifact(folder / "final.pt", "checkpoints")
+
+    example = torch.stack([val_set[i][0] for i in range(min(2, len(val_set)))]).numpy()
+    return tracker.log_pytorch_model(
+        plan.model,
+        name="model",
+        input_example=example,
+        metadata={**meta, **{k: round(v, 6) for k, v in result.best_epoch.items()}},
+        pip_requirements=pip_requirements(),
+        code_paths=[str(Path(training.__file__).parent)],
+    )
+
+
+def predictions_table(plan: TrainingPlan, probs: np.ndarray) -> pd.DataFrame:
+    """Validation predictions: path, true label, predicted label, one column per class."""
+    rows = plan.data.table.iloc[plan.val_indices]
+    names = plan.data.class_names
+    table = pd.DataFrame(
+        {
+            "path": rows["path"].to_numpy(),
+            "label": rows["label"].to_numpy(),
+            "predicted": [names[i] for i in probs.argmax(axis=1)],
+        }
+    )
+    for index, name in enumerate(names):
+        table[f"prob_{name}"] = probs[:, index]
+    return table

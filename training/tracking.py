@@ -1,0 +1,234 @@
+"""The only module that writes to MLflow: runs, params, metrics, artifacts, models, statuses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+LOCAL_STORE = Path("mlruns")
+MAX_PARAM_LENGTH = 6000
+
+
+def configure_tracking() -> str:
+    """Use MLFLOW_TRACKING_URI unchanged when set; else a SQLite store under ./mlruns."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        LOCAL_STORE.mkdir(exist_ok=True)
+        uri = f"sqlite:///{(LOCAL_STORE / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id_for(name: str) -> str:
+    """The experiment `mlflow run` chose, else the named one (created if missing; with the
+    default store its artifacts land in ./mlruns/<experiment id>)."""
+    configure_tracking()
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel worker
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _flatten_params(params: dict[str, Any]) -> dict[str, str]:
+    flat = {}
+    for key, value in params.items():
+        text = json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
+        flat[key] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+    return flat
+
+
+class RunTracker:
+    """One MLflow run behind a small interface. Opens nothing until entered; ends the run
+    FINISHED, FAILED (exception) or KILLED (Ctrl-C / termination), never left RUNNING.
+
+    Fluent calls are safe across threads: MLflow keeps the active run per thread.
+    """
+
+    enabled = True
+
+    def __init__(
+        self,
+        experiment_name: str,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        self.experiment_name = experiment_name
+        self.run_name = run_name or None
+        self.parent_run_id = parent_run_id
+        self.tags = tags or {}
+        self.resume_run_id = run_id
+        self.run_id = ""
+        self._run = None
+
+    def __enter__(self) -> RunTracker:
+        experiment_id = experiment_id_for(self.experiment_name)
+        nested = mlflow.active_run() is not None or self.parent_run_id is not None
+        self._run = mlflow.start_run(
+            run_id=self.resume_run_id,
+            experiment_id=None if self.resume_run_id else experiment_id,
+            run_name=self.run_name,
+            parent_run_id=self.parent_run_id,
+            nested=nested,
+            tags=self.tags,
+        )
+        self.run_id = self._run.info.run_id
+        if self.parent_run_id is None and self._run.data.tags.get("mlflow.parentRunId"):
+            self.parent_run_id = self._run.data.tags["mlflow.parentRunId"]
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            status = RunStatus.to_string(RunStatus.FINISHED)
+        elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
+            status = RunStatus.to_string(RunStatus.KILLED)
+        else:
+            status = RunStatus.to_string(RunStatus.FAILED)
+            self._safe(lambda: mlflow.set_tag("error", f"{exc_type.__name__}: {exc}"[:5000]))
+        self._end(status)
+        return False
+
+    def _end(self, status: str) -> None:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            mlflow.end_run(status=status)
+        else:
+            MlflowClient().set_terminated(self.run_id, status=status)
+
+    @staticmethod
+    def _safe(action) -> None:
+        try:
+            action()
+        except Exception as err:  # never mask the original failure
+            log.warning("MLflow call failed while ending a run: %s", err)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if params:
+            mlflow.log_params(_flatten_params(params))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if tags:
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """One batched call per step (one call per value is ~7x slower on SQLite)."""
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_figure(self, figure: Figure, artifact_file: str) -> None:
+        import matplotlib.pyplot as plt
+
+        mlflow.log_figure(figure, artifact_file)
+        plt.close(figure)
+
+    def log_dict(self, data: dict | list, artifact_file: str) -> None:
+        mlflow.log_dict(data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        mlflow.log_text(text, artifact_file)
+
+    def log_csv(self, table: pd.DataFrame, artifact_file: str) -> None:
+        mlflow.log_text(table.to_csv(index=False), artifact_file)
+
+    def log_table(self, table: pd.DataFrame, artifact_file: str) -> None:
+        """A JSON table the MLflow UI can show and compare across runs."""
+        mlflow.log_table(table, artifact_file=artifact_file)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(local_path), artifact_path)
+
+    def log_dataset(
+        self, table: pd.DataFrame, source: str, name: str, context: str, digest: str
+    ) -> None:
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(table, source=source, name=name, targets="label")
+        mlflow.log_input(dataset, context=context, tags={"content_digest": digest})
+
+    def log_pytorch_model(
+        self,
+        model: Any,
+        name: str,
+        input_example: Any,
+        metadata: dict[str, Any],
+        pip_requirements: list[str],
+        code_paths: list[str] | None = None,
+    ) -> str:
+        """Log a LoggedModel in pickle format (the original class back, in eval mode) with an
+        explicit requirement list (requirement detection costs seconds). Returns its URI."""
+        model.eval()
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            input_example=input_example,
+            metadata=metadata,
+            pip_requirements=pip_requirements,
+            serialization_format="pickle",
+            code_paths=code_paths,
+        )
+        return info.model_uri
+
+    def log_pyfunc_model(self, name: str, python_model: Any, **kwargs: Any) -> Any:
+        return mlflow.pyfunc.log_model(name=name, python_model=python_model, **kwargs)
+
+
+class NullTracker(RunTracker):
+    """The no-op twin: same interface, nothing written; keeps code paths identical."""
+
+    enabled = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.run_id = ""
+        self.parent_run_id = None
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return False
+
+    def __getattribute__(self, name: str) -> Any:
+        attribute = object.__getattribute__(self, name)
+        if callable(attribute) and name.startswith(("log_", "set_")):
+            return lambda *args, **kwargs: None
+        return attribute
+
+
+def set_run_status(run_id: str, status: str) -> None:
+    """Mark a run (e.g. a dead fold run) FAILED / KILLED / FINISHED."""
+    MlflowClient().set_terminated(run_id, status=status)
+
+
+def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A temporary folder for files that are logged and then dropped."""
+    with tempfile.TemporaryDirectory(prefix="imgclf-") as folder:
+        yield Path(folder)

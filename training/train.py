@@ -1,0 +1,57 @@
+"""`train` entry point: one two-stage transfer-learning run, tracked in MLflow."""
+
+from __future__ import annotations
+
+import sys
+
+from training.config import ConfigError, TrainConfig, parse_cli
+from training.data import DataError, load_labelled_images
+from training.logs import setup_logging
+from training.model import WeightsError
+from training.pipeline import TrainOutcome, execute, plan_training
+from training.splits import holdout_split
+from training.tracking import RunTracker
+
+USER_ERRORS = (ConfigError, DataError, WeightsError)
+
+
+def load_data(cfg: TrainConfig, min_per_class: int = 2, reason: str = "a stratified split"):
+    return load_labelled_images(
+        cfg.data,
+        cfg.image_size,
+        cfg.path_column,
+        cfg.label_column,
+        cfg.group_column,
+        face_crop=cfg.augment == "facecrop",
+        min_per_class=min_per_class,
+        split_reason=reason,
+    )
+
+
+def run(cfg: TrainConfig, progress: bool = True) -> TrainOutcome:
+    """Validate everything, then create the run and train; bad input fails before the run."""
+    data = load_data(cfg)
+    val_mask = holdout_split(data.labels, data.groups, cfg.val_fraction, cfg.seed)
+    plan = plan_training(cfg, data, val_mask)
+    with RunTracker(cfg.experiment_name, cfg.run_name or None) as tracker:
+        return execute(plan, tracker, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        cfg = parse_cli(TrainConfig, argv, description=__doc__)
+        outcome = run(cfg)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    best = outcome.best
+    print(
+        f"run {outcome.run_id}: best val macro F1 {best['val_f1_macro']:.4f}, "
+        f"accuracy {best['val_accuracy']:.4f}\nmodel: {outcome.model_uri}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Albumentations pipelines: training augmentation policies and the deterministic eval view."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+Normalisation = tuple[Sequence[float], Sequence[float]]
+
+
+def _finish(image_size: int, mean: Sequence[float], std: Sequence[float]) -> list:
+    return [
+        A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR),
+        A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+    ]
+
+
+def train_transform(
+    policy: str, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> A.Compose:
+    """`base`: seed 000's flip + light colour jitter; `random`: RandAugment-style, two of a
+    pool of ops at random strength; `facecrop`: faces were cropped at decode time, then base;
+    `none`: resize and normalise only."""
+    if policy in ("base", "facecrop"):
+        augment = [
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.0, hue=0.0, p=0.8),
+        ]
+    elif policy == "random":
+        augment = [
+            A.SomeOf(
+                [
+                    A.Affine(rotate=(-15, 15), p=1.0),
+                    A.Affine(shear=(-10, 10), p=1.0),
+                    A.Affine(translate_percent=(-0.1, 0.1), p=1.0),
+                    A.RandomBrightnessContrast(0.3, 0.3, p=1.0),
+                    A.HueSaturationValue(10, 20, 10, p=1.0),
+                    A.Equalize(p=1.0),
+                    A.Posterize(num_bits=(4, 6), p=1.0),
+                    A.Sharpen(p=1.0),
+                    A.GaussNoise(std_range=(0.02, 0.08), p=1.0),
+                ],
+                n=2,
+                replace=False,
+            ),
+            A.HorizontalFlip(p=0.5),
+        ]
+    elif policy == "none":
+        augment = []
+    else:
+        raise ValueError(f"unknown augmentation policy {policy!r}")
+    return A.Compose(augment + _finish(image_size, mean, std))
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    """Deterministic resize + normalise, used for validation and inference."""
+    return A.Compose(_finish(image_size, mean, std))
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HWC float32 array → CHW tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

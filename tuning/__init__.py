@@ -1,0 +1,1 @@
+"""Tuning: Optuna studies over the training job."""
