@@ -223,7 +223,7 @@ def log_results(
         tracker.log_artifact(folder / "final.pt", "checkpoints")
 
     example = torch.stack([val_set[i][0] for i in range(min(2, len(val_set)))]).numpy()
-    return tracker.log_pytorch_model(
+    model_uri = tracker.log_pytorch_model(
         plan.model,
         name="model",
         input_example=example,
@@ -231,6 +231,8 @@ def log_results(
         pip_requirements=pip_requirements(),
         code_paths=[str(Path(training.__file__).parent)],
     )
+    tracker.set_tags({"model_uri": model_uri})  # lets registry find the model without search
+    return model_uri
 
 
 def predictions_table(plan: TrainingPlan, probs: np.ndarray) -> pd.DataFrame:

@@ -74,8 +74,12 @@ class RunTracker:
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
+        finish_on: tuple[type[BaseException], ...] = (),
     ) -> None:
+        """`run_id` resumes an existing run; exceptions in `finish_on` (e.g. Optuna's
+        TrialPruned) are expected endings: the run ends FINISHED and the exception goes on."""
         self.experiment_name = experiment_name
+        self.finish_on = finish_on
         self.run_name = run_name or None
         self.parent_run_id = parent_run_id
         self.tags = tags or {}
@@ -100,7 +104,7 @@ class RunTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
+        if exc_type is None or (self.finish_on and issubclass(exc_type, self.finish_on)):
             status = RunStatus.to_string(RunStatus.FINISHED)
         elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
             status = RunStatus.to_string(RunStatus.KILLED)
@@ -214,6 +218,52 @@ class NullTracker(RunTracker):
         if callable(attribute) and name.startswith(("log_", "set_")):
             return lambda *args, **kwargs: None
         return attribute
+
+
+def find_runs(
+    experiment_ids: list[str] | None = None,
+    filter_string: str = "",
+    order_by: list[str] | None = None,
+) -> list[mlflow.entities.Run]:
+    """Runs matching an MLflow search filter (all pages), newest first by default."""
+    client = MlflowClient()
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids,
+            filter_string=filter_string,
+            order_by=order_by or ["attributes.start_time DESC"],
+            max_results=1000,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def get_run(run_id: str) -> mlflow.entities.Run:
+    configure_tracking()
+    return MlflowClient().get_run(run_id)
+
+
+def child_runs(parent_run_id: str, filter_string: str = "") -> list[mlflow.entities.Run]:
+    """Runs nested directly under `parent_run_id` (MLflow's parentRunId tag)."""
+    parent = get_run(parent_run_id)
+    where = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    if filter_string:
+        where += f" and {filter_string}"
+    return find_runs([parent.info.experiment_id], where)
+
+
+def load_artifact_csv(run_id: str, artifact_path: str) -> pd.DataFrame:
+    with scratch_dir() as folder:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(folder)
+        )
+        return pd.read_csv(local)
 
 
 def set_run_status(run_id: str, status: str) -> None:
