@@ -151,7 +151,9 @@ def execute(
     train_set = ImageArrayDataset(
         [images[i] for i in plan.train_indices],
         labels[plan.train_indices],
-        train_transform(cfg.augment, cfg.image_size, plan.model_info.mean, plan.model_info.std),
+        train_transform(
+            cfg.augment, cfg.image_size, plan.model_info.mean, plan.model_info.std, cfg.seed
+        ),
     )
     val_set = ImageArrayDataset(
         [images[i] for i in plan.val_indices],

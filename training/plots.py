@@ -77,7 +77,9 @@ def probability_distribution(probs: np.ndarray, targets: np.ndarray) -> Figure:
 def fold_bars(values: list[float], metric: str, reference: float | None = None) -> Figure:
     """One bar per fold, with the mean (and an out-of-fold reference) as lines."""
     fig, ax = plt.subplots(figsize=(max(4, len(values) * 0.8 + 2), 4))
-    ax.bar([str(i) for i in range(len(values))], values, color="tab:blue")
+    folds = list(range(len(values)))
+    ax.bar(folds, values, color="tab:blue")
+    ax.set_xticks(folds)
     ax.axhline(float(np.mean(values)), color="black", linestyle="--", label="mean")
     if reference is not None:
         ax.axhline(reference, color="tab:orange", linestyle=":", label="out-of-fold")

@@ -86,6 +86,7 @@ class RunTracker:
         self.resume_run_id = run_id
         self.run_id = ""
         self._run = None
+        self.end_status = "FINISHED"  # e.g. SCHEDULED for a k-fold job waiting for its folds
 
     def __enter__(self) -> RunTracker:
         experiment_id = experiment_id_for(self.experiment_name)
@@ -99,13 +100,16 @@ class RunTracker:
             tags=self.tags,
         )
         self.run_id = self._run.info.run_id
-        if self.parent_run_id is None and self._run.data.tags.get("mlflow.parentRunId"):
-            self.parent_run_id = self._run.data.tags["mlflow.parentRunId"]
+        existing_parent = self._run.data.tags.get("mlflow.parentRunId")
+        if self.parent_run_id and existing_parent != self.parent_run_id:
+            # A run made by `mlflow run` (MLFLOW_RUN_ID) is adopted as given: nest it here.
+            mlflow.set_tag("mlflow.parentRunId", self.parent_run_id)
+        self.parent_run_id = self.parent_run_id or existing_parent
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None or (self.finish_on and issubclass(exc_type, self.finish_on)):
-            status = RunStatus.to_string(RunStatus.FINISHED)
+            status = self.end_status
         elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
             status = RunStatus.to_string(RunStatus.KILLED)
         else:

@@ -20,7 +20,11 @@ def _finish(image_size: int, mean: Sequence[float], std: Sequence[float]) -> lis
 
 
 def train_transform(
-    policy: str, image_size: int, mean: Sequence[float], std: Sequence[float]
+    policy: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int | None = None,
 ) -> A.Compose:
     """`base`: seed 000's flip + light colour jitter; `random`: RandAugment-style, two of a
     pool of ops at random strength; `facecrop`: faces were cropped at decode time, then base;
@@ -53,7 +57,8 @@ def train_transform(
         augment = []
     else:
         raise ValueError(f"unknown augmentation policy {policy!r}")
-    return A.Compose(augment + _finish(image_size, mean, std))
+    # Compose keeps its own RNG, untouched by global seeds: seed it for reproducible runs.
+    return A.Compose(augment + _finish(image_size, mean, std), seed=seed)
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
