@@ -12,8 +12,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import TINY, all_runs, write_digits
+
 from training import kfold
 from training.data import DataError
 from training.kfold import KFoldConfig, KFoldError, run_kfold

@@ -178,3 +178,24 @@ def test_an_interrupted_run_ends_killed(tracking):
         with RunTracker("tests"):
             raise KeyboardInterrupt
     assert all_runs()["status"].tolist() == ["KILLED"]
+
+
+def test_mlflow_run_launcher_is_adopted_or_nested_when_a_config_changed_values(
+    tracking, monkeypatch
+):
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("tests")
+    launcher = client.create_run(experiment).info.run_id
+    client.log_param(launcher, "model", "efficientnet_b0")  # as `mlflow run` logs MLproject
+    client.log_param(launcher, "group_column", "''")
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
+    with RunTracker("tests", params={"model": "efficientnet_b0", "group_column": ""}) as run:
+        assert run.run_id == launcher  # same values: the launcher run is the job's run
+    second = client.create_run(experiment).info.run_id
+    client.log_param(second, "model", "efficientnet_b0")
+    monkeypatch.setenv("MLFLOW_RUN_ID", second)
+    with RunTracker("tests", params={"model": "tf_efficientnet_lite0"}) as run:
+        assert run.run_id != second
+    nested = mlflow.get_run(run.run_id)
+    assert nested.data.tags["mlflow.parentRunId"] == second
+    assert nested.data.params["model"] == "tf_efficientnet_lite0"

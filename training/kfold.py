@@ -16,7 +16,14 @@ from training.kfold_summary import summarise_folds
 from training.logs import setup_logging
 from training.pipeline import execute, plan_training
 from training.splits import assign_folds
-from training.tracking import RunTracker, child_runs, get_run, set_run_status, set_run_tags
+from training.tracking import (
+    RunTracker,
+    child_runs,
+    flatten_params,
+    get_run,
+    set_run_status,
+    set_run_tags,
+)
 from training.train import USER_ERRORS, load_data
 
 log = logging.getLogger(__name__)
@@ -110,11 +117,8 @@ def check_parent(job: KFoldJob, parent_run_id: str) -> None:
                 f"parameter 'parent_run_id': run {parent_run_id} has {key} {tags.get(key)}, "
                 f"the current data gives {expected} (different images, labels or folds)"
             )
-    changed = {
-        k: (params[k], str(v))
-        for k, v in job.job_params().items()
-        if params.get(k, str(v)) != str(v)
-    }
+    current = flatten_params(job.job_params())
+    changed = {k: (params[k], v) for k, v in current.items() if params.get(k, v) != v}
     if changed:
         raise KFoldError(
             f"parameter 'parent_run_id': run {parent_run_id} was started with other settings "
@@ -184,7 +188,9 @@ def _open_parent(job: KFoldJob) -> RunTracker:
     if cfg.parent_run_id:
         check_parent(job, cfg.parent_run_id)
         return RunTracker(cfg.experiment_name, run_id=cfg.parent_run_id)
-    return RunTracker(cfg.experiment_name, cfg.run_name or None, tags=job.job_tags())
+    return RunTracker(
+        cfg.experiment_name, cfg.run_name or None, tags=job.job_tags(), params=job.job_params()
+    )
 
 
 def run_kfold(cfg: KFoldConfig) -> KFoldOutcome:
@@ -192,7 +198,6 @@ def run_kfold(cfg: KFoldConfig) -> KFoldOutcome:
     job = prepare_job(cfg)
     with _open_parent(job) as parent:
         if not cfg.parent_run_id:
-            parent.log_params(job.job_params())
             parent.log_csv(job.folds_table(), "folds.csv")
             parent.set_tags({"kfold_state": "prepared"})
         if cfg.prepare_only:

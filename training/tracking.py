@@ -50,10 +50,15 @@ def experiment_id_for(name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def _flatten_params(params: dict[str, Any]) -> dict[str, str]:
+def flatten_params(params: dict[str, Any]) -> dict[str, str]:
     flat = {}
     for key, value in params.items():
-        text = json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
+        if isinstance(value, bool):
+            text = str(value).lower()  # as MLproject parameters spell them
+        elif isinstance(value, list | tuple | dict):
+            text = json.dumps(value)
+        else:
+            text = str(value)
         flat[key] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
     return flat
 
@@ -75,10 +80,13 @@ class RunTracker:
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
         finish_on: tuple[type[BaseException], ...] = (),
+        params: dict[str, Any] | None = None,
     ) -> None:
         """`run_id` resumes an existing run; exceptions in `finish_on` (e.g. Optuna's
-        TrialPruned) are expected endings: the run ends FINISHED and the exception goes on."""
+        TrialPruned) are expected endings: the run ends FINISHED and the exception goes on.
+        `params` are logged on entry."""
         self.experiment_name = experiment_name
+        self.params = flatten_params(params or {})
         self.finish_on = finish_on
         self.run_name = run_name or None
         self.parent_run_id = parent_run_id
@@ -87,9 +95,11 @@ class RunTracker:
         self.run_id = ""
         self._run = None
         self.end_status = "FINISHED"  # e.g. SCHEDULED for a k-fold job waiting for its folds
+        self._logged: dict[str, str] = {}
 
     def __enter__(self) -> RunTracker:
         experiment_id = experiment_id_for(self.experiment_name)
+        self._nest_under_launcher_on_conflict()
         nested = mlflow.active_run() is not None or self.parent_run_id is not None
         self._run = mlflow.start_run(
             run_id=self.resume_run_id,
@@ -105,7 +115,30 @@ class RunTracker:
             # A run made by `mlflow run` (MLFLOW_RUN_ID) is adopted as given: nest it here.
             mlflow.set_tag("mlflow.parentRunId", self.parent_run_id)
         self.parent_run_id = self.parent_run_id or existing_parent
+        self._logged = dict(self._run.data.params)
+        self.log_params(self.params)
         return self
+
+    def _nest_under_launcher_on_conflict(self) -> None:
+        """`mlflow run` logs every MLproject parameter on the run it creates. When a `config`
+        file resolved other values, that run cannot take them (MLflow params are immutable),
+        so this run is nested under it instead of adopting it."""
+        launcher = os.environ.get("MLFLOW_RUN_ID")
+        if not launcher or self.resume_run_id or self.parent_run_id or not self.params:
+            return
+        logged = MlflowClient().get_run(launcher).data.params
+        # `mlflow run` logs the shell-quoted text: '' for an empty string.
+        changed = sorted(
+            k for k, v in self.params.items() if k in logged and logged[k].strip("'") != v
+        )
+        if changed:
+            log.info(
+                "config file changed %s: nesting this run under the mlflow-run run %s",
+                changed,
+                launcher,
+            )
+            del os.environ["MLFLOW_RUN_ID"]
+            self.parent_run_id = launcher
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None or (self.finish_on and issubclass(exc_type, self.finish_on)):
@@ -133,8 +166,16 @@ class RunTracker:
             log.warning("MLflow call failed while ending a run: %s", err)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if params:
-            mlflow.log_params(_flatten_params(params))
+        """Log in one batch; values the run already holds (e.g. logged by `mlflow run`, which
+        writes '' for an empty string) are not sent again."""
+        fresh = {
+            k: v
+            for k, v in flatten_params(params).items()
+            if self._logged.get(k, "\0").strip("'") != v
+        }
+        if fresh:
+            mlflow.log_params(fresh)
+            self._logged.update(fresh)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if tags:

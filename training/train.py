@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from training.config import ConfigError, TrainConfig, parse_cli
+from training.config import ConfigError, TrainConfig, config_to_dict, parse_cli
 from training.data import DataError, load_labelled_images
 from training.logs import setup_logging
 from training.model import WeightsError
@@ -33,7 +33,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> TrainOutcome:
     data = load_data(cfg)
     val_mask = holdout_split(data.labels, data.groups, cfg.val_fraction, cfg.seed)
     plan = plan_training(cfg, data, val_mask)
-    with RunTracker(cfg.experiment_name, cfg.run_name or None) as tracker:
+    params = config_to_dict(cfg)
+    with RunTracker(cfg.experiment_name, cfg.run_name or None, params=params) as tracker:
         return execute(plan, tracker, progress=progress)
 
 
