@@ -1,0 +1,135 @@
+"""Frozen configs of the registry entry points (promote, predict, onnx_export) and their checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from registry.tta import MAX_VIEWS
+from registry.voting import METHODS
+from training.config import ConfigError
+
+DIRECTIONS = ("auto", "max", "min")
+FORMATS = ("csv", "submission")
+_ALIAS = re.compile(r"^[\w\-]{1,255}$")
+_VERSION_ALIAS = re.compile(r"^[vV]\d+$")  # MLflow reserves these (and 'latest') for versions
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"parameter '{name}': {expected}, got {value!r}")
+
+
+def _check_model_name(name: str, value: str) -> None:
+    _require(
+        bool(value.strip()) and not any(c in value for c in "/:"),
+        name,
+        value,
+        "a registered model name without '/' or ':'",
+    )
+
+
+def _check_alias(value: str) -> None:
+    _require(
+        bool(_ALIAS.match(value)) and not _VERSION_ALIAS.match(value) and value != "latest",
+        "alias",
+        value,
+        "letters, digits, '_' or '-' (not 'latest' or v<number>)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PromoteConfig:
+    """Register the top-k fold models of a k-fold run and their ensemble; point an alias at it."""
+
+    kfold_run_id: str = ""  # k-fold parent run; empty = latest FINISHED job=kfold run
+    experiment_name: str = "image-classifier"  # where to look for the k-fold run
+    top_k: int = 3  # fold models in the ensemble
+    metric: str = "best_val_f1_macro"  # fold-run metric that ranks the folds
+    direction: str = "auto"  # max | min | auto (min when the metric name contains 'loss')
+    model_name: str = "image-classifier"  # registered ensemble; members: <model_name>-members
+    alias: str = "champion"  # alias pointed at the ensemble version
+    method: str = "arithmetic"  # default voting: arithmetic | geometric | weighted | hard
+    tta: int = 2  # default test-time views: 1 identity, 2 + flip, more = + seeded crops
+    run_name: str = ""
+    config: str = ""  # YAML file of parameter values (explicit flags win)
+
+    def __post_init__(self) -> None:
+        _require(self.top_k >= 1, "top_k", self.top_k, "an integer >= 1")
+        _require(bool(self.metric.strip()), "metric", self.metric, "a metric name")
+        _require(self.direction in DIRECTIONS, "direction", self.direction, f"one of {DIRECTIONS}")
+        _check_model_name("model_name", self.model_name)
+        _check_alias(self.alias)
+        _require(self.method in METHODS, "method", self.method, f"one of {METHODS}")
+        _require(1 <= self.tta <= MAX_VIEWS, "tta", self.tta, f"an integer in 1..{MAX_VIEWS}")
+        _require(
+            bool(self.kfold_run_id or self.experiment_name),
+            "experiment_name",
+            self.experiment_name,
+            "a name (or give kfold_run_id)",
+        )
+
+    @property
+    def members_model_name(self) -> str:
+        return f"{self.model_name}-members"
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """Ensemble predictions for a folder or CSV of images; metrics when labels are known."""
+
+    model_uri: str = ""  # empty = models:/<model_name>@<alias>
+    model_name: str = "image-classifier"
+    alias: str = "champion"
+    data: str = "data/demo/test"  # folder (flat or class sub-folders) or CSV of image paths
+    output: str = "outputs/predictions.csv"
+    format: str = "csv"  # csv (id, label, probabilities) | submission (seed 004: ImageID,ans)
+    method: str = ""  # voting method; empty = the model's stored default
+    tta: int = 0  # test-time views; 0 = the model's stored default
+    batch_size: int = 32  # images per model call
+    path_column: str = "path"  # CSV input: image path column
+    label_column: str = "label"  # CSV input: true label column, if present
+    experiment_name: str = "image-classifier"  # where the labelled predict run is logged
+    run_name: str = ""
+    config: str = ""  # YAML file of parameter values (explicit flags win)
+
+    def __post_init__(self) -> None:
+        if not self.model_uri:
+            _check_model_name("model_name", self.model_name)
+            _check_alias(self.alias)
+        _require(bool(self.data), "data", self.data, "a folder or CSV path")
+        _require(bool(self.output), "output", self.output, "a file path")
+        _require(self.format in FORMATS, "format", self.format, f"one of {FORMATS}")
+        _require(self.method in ("", *METHODS), "method", self.method, f"empty or one of {METHODS}")
+        _require(0 <= self.tta <= MAX_VIEWS, "tta", self.tta, f"an integer in 0..{MAX_VIEWS}")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(bool(self.path_column), "path_column", self.path_column, "a column name")
+        _require(bool(self.experiment_name), "experiment_name", self.experiment_name, "a name")
+
+    @property
+    def resolved_model_uri(self) -> str:
+        return self.model_uri or f"models:/{self.model_name}@{self.alias}"
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxExportConfig:
+    """Export an ensemble's members (or one PyTorch model) to ONNX with preprocessing JSON."""
+
+    model_uri: str = ""  # empty = models:/<model_name>@<alias>
+    model_name: str = "image-classifier"
+    alias: str = "champion"
+    output: str = "outputs/onnx"  # folder for <member>.onnx, <member>.json and ensemble.json
+    opset: int = 18
+    config: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.model_uri:
+            _check_model_name("model_name", self.model_name)
+            _check_alias(self.alias)
+        _require(bool(self.output), "output", self.output, "a folder path")
+        _require(self.opset >= 17, "opset", self.opset, "an integer >= 17")
+
+    @property
+    def resolved_model_uri(self) -> str:
+        return self.model_uri or f"models:/{self.model_name}@{self.alias}"

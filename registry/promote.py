@@ -1,0 +1,262 @@
+"""`promote` entry point: register the top-k fold models of a k-fold run and their ensemble."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Run
+from PIL import Image
+
+import registry
+import training
+from registry import store
+from registry.config import PromoteConfig
+from registry.ensemble import MemberSpec, ensemble_config, ensemble_signature
+from registry.errors import PromoteError
+from registry.selection import (
+    FoldModel,
+    find_kfold_parent,
+    fold_models,
+    resolve_direction,
+    select_top_k,
+)
+from registry.voting import metric_weights
+from training.config import ConfigError, config_to_dict, parse_cli
+from training.logs import setup_logging
+from training.pipeline import pip_requirements
+from training.tracking import RunTracker
+
+USER_ERRORS = (ConfigError, PromoteError)
+
+
+@dataclass(frozen=True)
+class PromotionPlan:
+    """Everything decided before anything is written; building it raises PromoteError."""
+
+    cfg: PromoteConfig
+    parent: Run
+    experiment_name: str
+    direction: str
+    selected: list[FoldModel]
+    weights: list[float]
+    class_names: list[str]
+
+    @property
+    def kfold_run_id(self) -> str:
+        return self.parent.info.run_id
+
+    @property
+    def key(self) -> str:
+        """Identifies one promotion: the same key twice reuses the registered version."""
+        cfg = self.cfg
+        return (
+            f"{self.kfold_run_id}/top{cfg.top_k}/{cfg.metric}/{self.direction}"
+            f"/{cfg.method}/tta{cfg.tta}"
+        )
+
+
+@dataclass(frozen=True)
+class PromoteOutcome:
+    model_name: str
+    version: str
+    alias: str
+    member_versions: list[str]
+    reused: bool
+    run_id: str
+    plan: PromotionPlan
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_name}@{self.alias}"
+
+
+def plan_promotion(cfg: PromoteConfig) -> PromotionPlan:
+    """Find the k-fold run, pick its top-k folds and check their models agree on classes."""
+    parent = find_kfold_parent(cfg.kfold_run_id, cfg.experiment_name)
+    direction = resolve_direction(cfg.metric, cfg.direction)
+    selected = select_top_k(fold_models(parent), cfg.metric, cfg.top_k, direction)
+    class_names = None
+    for fold in selected:
+        names = (mlflow.models.get_model_info(fold.model_uri).metadata or {}).get("class_names")
+        if class_names is not None and names != class_names:
+            raise PromoteError(
+                f"fold {fold.fold} (run {fold.run_id}) has classes {names}, "
+                f"other folds {class_names}; the members of an ensemble must agree"
+            )
+        class_names = names
+    if not class_names:
+        raise PromoteError(f"fold model {selected[0].model_uri} has no class_names metadata")
+    weights = metric_weights([fold.metrics[cfg.metric] for fold in selected], direction)
+    experiment = mlflow.MlflowClient().get_experiment(parent.info.experiment_id)
+    return PromotionPlan(
+        cfg, parent, experiment.name, direction, selected, weights.tolist(), class_names
+    )
+
+
+def register_members(plan: PromotionPlan) -> list[MemberSpec]:
+    """One version of <model_name>-members per fold run, reused when it already exists."""
+    cfg = plan.cfg
+    name = cfg.members_model_name
+    store.ensure_registered_model(
+        name,
+        f"Fold models of k-fold runs, the members of the ensembles in '{cfg.model_name}'. "
+        "One version per fold run; tags: fold, source_run_id, kfold_run_id.",
+        {"role": "ensemble-members", "ensemble_model": cfg.model_name},
+    )
+    members = []
+    for rank, (fold, weight) in enumerate(zip(plan.selected, plan.weights, strict=True)):
+        selection = {
+            "metric": cfg.metric,
+            "metric_value": fold.metrics[cfg.metric],
+            "direction": plan.direction,
+        }
+        existing = store.find_version(name, {"source_run_id": fold.run_id})
+        if existing is None:
+            tags = {
+                "fold": fold.fold,
+                "source_run_id": fold.run_id,
+                "kfold_run_id": plan.kfold_run_id,
+                **selection,
+            }
+            member_version = store.register_version(fold.model_uri, name, tags).version
+        else:  # the latest selection it took part in
+            member_version = existing.version
+            store.set_version_tags(name, member_version, selection)
+        members.append(
+            MemberSpec(
+                key=f"member_{rank}",
+                fold=fold.fold,
+                run_id=fold.run_id,
+                model_uri=f"models:/{name}/{member_version}",
+                metric=cfg.metric,
+                metric_value=fold.metrics[cfg.metric],
+                weight=weight,
+            )
+        )
+    return members
+
+
+def example_request() -> pd.DataFrame:
+    """A real (blank) PNG as the input example: MLflow runs the ensemble on it while logging,
+    so a model that cannot predict never gets registered, and the UI shows the format."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def log_ensemble(tracker: RunTracker, plan: PromotionPlan, members: list[MemberSpec]) -> str:
+    """Log the pyfunc (as code) with the members copied in: its artifacts are the members'
+    models:/ URIs, so the logged model is self-contained. Returns its models:/m-... URI."""
+    cfg = plan.cfg
+    package = Path(registry.__file__).parent
+    config = ensemble_config(members, plan.class_names, cfg.method, cfg.tta)
+    info = tracker.log_pyfunc_model(
+        "ensemble",
+        str(package / "ensemble_code.py"),
+        model_config=config,
+        artifacts={member.key: member.model_uri for member in members},
+        signature=ensemble_signature(plan.class_names, cfg.method, cfg.tta),
+        input_example=example_request(),
+        code_paths=[str(package), str(Path(training.__file__).parent)],
+        pip_requirements=pip_requirements(),
+        metadata={
+            **config,
+            "kfold_run_id": plan.kfold_run_id,
+            "metric": cfg.metric,
+            "direction": plan.direction,
+        },
+    )
+    return info.model_uri
+
+
+def promote(cfg: PromoteConfig) -> PromoteOutcome:
+    """Plan (no writes), then inside a job=promote run: members, ensemble, alias."""
+    plan = plan_promotion(cfg)
+    tags = {"job": "promote", "kfold_run_id": plan.kfold_run_id}
+    params = config_to_dict(cfg)
+    with RunTracker(
+        plan.experiment_name, cfg.run_name or None, tags=tags, params=params
+    ) as tracker:
+        # New names: `mlflow run` already logged the given kfold_run_id and direction.
+        tracker.log_params(
+            {"resolved_kfold_run_id": plan.kfold_run_id, "resolved_direction": plan.direction}
+        )
+        members = register_members(plan)
+        tracker.log_dict([asdict(member) for member in members], "promotion/members.json")
+        store.ensure_registered_model(
+            cfg.model_name,
+            "Ensembles of k-fold models (pyfunc: base64 images in, label + probabilities out).",
+            {"role": "ensemble"},
+        )
+        existing = store.find_version(cfg.model_name, {"promotion_key": plan.key})
+        if existing is None:
+            version_tags = {
+                "promotion_key": plan.key,
+                "kfold_run_id": plan.kfold_run_id,
+                "top_k": cfg.top_k,
+                "metric": cfg.metric,
+                "direction": plan.direction,
+                "method": cfg.method,
+                "tta": cfg.tta,
+                "folds": ",".join(str(member.fold) for member in members),
+                "member_versions": ",".join(m.model_uri.rsplit("/", 1)[1] for m in members),
+                "promote_run_id": tracker.run_id,
+            }
+            model_uri = log_ensemble(tracker, plan, members)
+            ensemble_version = store.register_version(model_uri, cfg.model_name, version_tags)
+        else:
+            ensemble_version = existing
+        store.set_alias(cfg.model_name, cfg.alias, ensemble_version.version)
+        tracker.set_tags(
+            {
+                "registered_model": cfg.model_name,
+                "model_version": ensemble_version.version,
+                "alias": cfg.alias,
+                "reused_version": existing is not None,
+            }
+        )
+    return PromoteOutcome(
+        cfg.model_name,
+        str(ensemble_version.version),
+        cfg.alias,
+        [m.model_uri.rsplit("/", 1)[1] for m in members],
+        existing is not None,
+        tracker.run_id,
+        plan,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # copies are local
+    try:
+        cfg = parse_cli(PromoteConfig, argv, description=__doc__)
+        outcome = promote(cfg)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    plan = outcome.plan
+    folds = [
+        f"fold {fold.fold} ({plan.cfg.metric}={fold.metrics[plan.cfg.metric]:.4f})"
+        for fold in plan.selected
+    ]
+    state = "already registered, reused" if outcome.reused else "registered"
+    print(
+        f"k-fold run {plan.kfold_run_id}: top {len(folds)} by {plan.cfg.metric} "
+        f"({plan.direction}): {', '.join(folds)}\n"
+        f"ensemble {outcome.model_name} version {outcome.version} ({state}), "
+        f"members {plan.cfg.members_model_name} versions {outcome.member_versions}\n"
+        f"model: {outcome.model_uri}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

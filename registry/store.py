@@ -1,0 +1,52 @@
+"""The registry's only MLflow-writing module: registered models, versions, their tags, aliases.
+
+Run logging (params, artifacts, the pyfunc model) goes through training.tracking.RunTracker.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+
+def ensure_registered_model(name: str, description: str, tags: dict[str, str]) -> None:
+    """Create the registered model once; later calls leave it (and its description) alone."""
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name, tags=tags, description=description)
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def find_version(name: str, tags: dict[str, str]) -> ModelVersion | None:
+    """The newest version of `name` carrying all `tags`: the idempotency lookup."""
+    where = " and ".join([f"name = '{name}'"] + [f"tags.{k} = '{v}'" for k, v in tags.items()])
+    versions = MlflowClient().search_model_versions(where, order_by=["version_number DESC"])
+    return versions[0] if versions else None
+
+
+def register_version(model_uri: str, name: str, tags: dict[str, Any]) -> ModelVersion:
+    """A new version of `name` from a LoggedModel URI (models:/m-...). mlflow.register_model
+    links the version to the LoggedModel and its source run."""
+    return mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+
+
+def set_version_tags(name: str, version: str | int, tags: dict[str, Any]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def set_alias(name: str, alias: str, version: str | int) -> None:
+    """Point `alias` at `version` (moves it if it pointed elsewhere)."""
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+    log.info("alias %s@%s -> version %s", name, alias, version)

@@ -1,0 +1,342 @@
+"""Promotion of a real tiny k-fold job, the ensemble pyfunc, predict, ONNX and a served model."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import torch
+from conftest import TINY
+from sklearn.metrics import f1_score
+
+from registry import onnx_export, predict
+from registry import promote as promote_job
+from registry.config import OnnxExportConfig, PredictConfig, PromoteConfig
+from registry.images import Preprocessing, member_batch
+from registry.tta import tta_views
+from training.data import decode_image
+from training.kfold import KFoldConfig, run_kfold
+from training.transforms import eval_transform, to_tensor
+
+JOB = {**TINY, "stage1_epochs": 1, "stage2_epochs": 1, "folds": 3}
+MODEL = "digits"
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory, digits_dir, migrated_store):
+    """A real k-fold job (3 folds) promoted once (top 2); shared by every test here."""
+    folder = tmp_path_factory.mktemp("registry")
+    shutil.copy(migrated_store, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+            patch.delenv(name, raising=False)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        kfold = run_kfold(KFoldConfig(data=str(digits_dir), **JOB))
+        cfg = PromoteConfig(experiment_name="tests", top_k=2, model_name=MODEL)
+        outcome = promote_job.promote(cfg)
+        yield SimpleNamespace(
+            folder=folder,
+            uri=uri,
+            kfold=kfold,
+            cfg=cfg,
+            outcome=outcome,
+            client=mlflow.MlflowClient(),
+            model=mlflow.pyfunc.load_model(f"models:/{MODEL}@champion"),
+        )
+
+
+def _versions(client, name: str) -> list:
+    return client.search_model_versions(f"name = '{name}'")
+
+
+def _runs(client) -> list:
+    experiment = client.get_experiment_by_name("tests")
+    return client.search_runs([experiment.experiment_id])
+
+
+def _champion(client) -> str:
+    return str(client.get_model_version_by_alias(MODEL, "champion").version)
+
+
+def _image_paths(root: Path, per_class: int = 2) -> list[str]:
+    return [str(p) for c in "0123" for p in sorted((root / c).glob("*.png"))[:per_class]]
+
+
+def _b64(path: str | Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def test_top_k_folds_are_registered_as_members_with_tags(reg):
+    runs = {r: reg.client.get_run(r) for r in reg.kfold.fold_run_ids}
+    best = sorted(runs, key=lambda r: -runs[r].data.metrics["best_val_f1_macro"])[:2]
+    members = _versions(reg.client, f"{MODEL}-members")
+    assert sorted(v.tags["source_run_id"] for v in members) == sorted(best)
+    for version in members:
+        run = runs[version.tags["source_run_id"]]
+        assert version.tags["fold"] == run.data.tags["fold"]
+        assert version.tags["kfold_run_id"] == reg.kfold.parent_run_id
+        assert version.tags["metric"] == "best_val_f1_macro"
+        assert float(version.tags["metric_value"]) == run.data.metrics["best_val_f1_macro"]
+    tags = reg.client.get_model_version(MODEL, reg.outcome.version).tags
+    assert tags["kfold_run_id"] == reg.kfold.parent_run_id
+    assert [tags[k] for k in ("top_k", "metric", "method", "tta")] == [
+        "2",
+        "best_val_f1_macro",
+        "arithmetic",
+        "2",
+    ]
+    promote_run = reg.client.get_run(reg.outcome.run_id)
+    assert promote_run.data.tags["job"] == "promote" and promote_run.info.status == "FINISHED"
+
+
+def test_alias_resolves_to_the_self_contained_ensemble(reg, tmp_path):
+    assert _champion(reg.client) == reg.outcome.version
+    info = mlflow.models.get_model_info(f"models:/{MODEL}@champion")
+    assert "python_function" in info.flavors and "pytorch" not in info.flavors
+    folds = reg.client.get_model_version(MODEL, reg.outcome.version).tags["folds"]
+    assert ",".join(str(m["fold"]) for m in info.metadata["members"]) == folds
+    assert {p.name for p in info.signature.params.params} == {"method", "tta"}
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{MODEL}@champion", dst_path=str(tmp_path))
+    )
+    members, _ = onnx_export.find_members(local)
+    assert len(members) == 2 and all((m.folder / "MLmodel").is_file() for m in members)
+
+
+def test_promoting_again_creates_no_new_versions(reg):
+    before = (len(_versions(reg.client, MODEL)), len(_versions(reg.client, f"{MODEL}-members")))
+    again = promote_job.promote(reg.cfg)
+    assert again.reused and again.version == reg.outcome.version
+    assert again.member_versions == reg.outcome.member_versions
+    assert (
+        len(_versions(reg.client, MODEL)),
+        len(_versions(reg.client, f"{MODEL}-members")),
+    ) == before
+    # Another voting default is another ensemble; its members are the same versions.
+    other = PromoteConfig(
+        experiment_name="tests", top_k=2, model_name=MODEL, method="geometric", alias="challenger"
+    )
+    challenger = promote_job.promote(other)
+    assert not challenger.reused and challenger.version != reg.outcome.version
+    assert challenger.member_versions == reg.outcome.member_versions
+    assert len(_versions(reg.client, f"{MODEL}-members")) == before[1]
+    assert _champion(reg.client) == reg.outcome.version
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--top_k", "4"], "parameter 'top_k': 4 is more than the 3 finished fold run(s)"),
+        (["--metric", "best_val_f2"], "parameter 'metric': unknown metric 'best_val_f2'"),
+        (["--kfold_run_id", "FOLD0"], "is not a k-fold parent run (its tag job is 'train'"),
+        (["--experiment_name", "nope"], "parameter 'experiment_name': no experiment 'nope'"),
+    ],
+)
+def test_promote_errors_exit_2_and_write_nothing(reg, capsys, argv, message):
+    argv = [reg.kfold.fold_run_ids[0] if a == "FOLD0" else a for a in argv]
+    before = (len(_versions(reg.client, MODEL)), len(_runs(reg.client)))
+    code = promote_job.main(["--experiment_name", "tests", "--model_name", MODEL, *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert (len(_versions(reg.client, MODEL)), len(_runs(reg.client))) == before
+
+
+def test_ensemble_matches_its_members_computed_by_hand(reg, digits_dir):
+    paths = _image_paths(digits_dir)
+    out = reg.model.predict(pd.DataFrame({"path": paths}), params={"method": "weighted", "tta": 1})
+    meta = mlflow.models.get_model_info(f"models:/{MODEL}@champion").metadata
+    expected = 0.0
+    for member in meta["members"]:
+        info = mlflow.models.get_model_info(member["model_uri"]).metadata
+        model = mlflow.pytorch.load_model(member["model_uri"])
+        transform = eval_transform(info["image_size"], info["mean"], info["std"])
+        batch = torch.stack(
+            [
+                to_tensor(transform(image=decode_image(p, info["image_size"]))["image"])
+                for p in paths
+            ]
+        )
+        with torch.no_grad():
+            expected = expected + member["weight"] * torch.softmax(model(batch), 1).numpy()
+    probs = out[[f"prob_{c}" for c in meta["class_names"]]].to_numpy(dtype=float)
+    assert np.allclose(probs, expected, atol=1e-6)
+    assert out["label"].tolist() == [meta["class_names"][i] for i in expected.argmax(1)]
+    assert (out["error"] == "").all()
+
+
+def test_tta_is_deterministic(reg, digits_dir):
+    frame = pd.DataFrame({"path": _image_paths(digits_dir, 1)})
+    np.random.seed(0)
+    torch.manual_seed(0)
+    first = reg.model.predict(frame, params={"tta": 5})
+    np.random.seed(1)
+    torch.manual_seed(1)
+    pd.testing.assert_frame_equal(first, reg.model.predict(frame, params={"tta": 5}))
+    single = reg.model.predict(frame, params={"tta": 1})
+    assert not np.allclose(first["prob_0"], single["prob_0"])  # the views do change the input
+
+
+def test_base64_and_path_rows_agree_and_bad_rows_become_errors(reg, digits_dir):
+    path = _image_paths(digits_dir, 1)[0]
+    frame = pd.DataFrame(
+        {
+            "image": [_b64(path), None, "%%% not base64", _b64(__file__), None],
+            "path": [None, path, None, None, "/no/such/file.png"],
+        }
+    )
+    out = reg.model.predict(frame)
+    assert out.loc[0, "label"] and out.loc[0, "error"] == ""
+    assert out.loc[0, "prob_0"] == out.loc[1, "prob_0"]
+    assert "not valid base64" in out.loc[2, "error"]
+    assert "unreadable image" in out.loc[3, "error"]
+    assert "file not found" in out.loc[4, "error"]
+    assert out.loc[2:, "label"].eq("").all() and out.loc[2:, "prob_0"].isna().all()
+
+
+def test_predict_job_scores_labelled_folder_and_survives_a_corrupt_image(
+    reg, digits_dir, tmp_path, capsys
+):
+    data = tmp_path / "test"
+    shutil.copytree(digits_dir, data)
+    (data / "2" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    output = tmp_path / "out" / "predictions.csv"
+    argv = ["--model_name", MODEL, "--data", str(data), "--output", str(output)]
+    assert predict.main([*argv, "--experiment_name", "tests", "--batch_size", "16"]) == 0
+    table = pd.read_csv(output, dtype={"label": str, "predicted": str}, keep_default_na=False)
+    assert len(table) == 41 and list(table.columns[:4]) == [
+        "image_id",
+        "path",
+        "label",
+        "predicted",
+    ]
+    bad = table[table["image_id"] == "2/corrupt.png"].iloc[0]
+    assert "unreadable image" in bad["error"] and bad["predicted"] == ""
+    good = table[table["error"] == ""]
+    assert len(good) == 40 and good["predicted"].isin(["0", "1", "2", "3"]).all()
+    f1 = f1_score(good["label"], good["predicted"], average="macro")
+    assert f"test macro F1 {f1:.4f}" in capsys.readouterr().out
+    run = [r for r in _runs(reg.client) if r.data.tags.get("job") == "predict"][0]
+    assert run.data.metrics["test_f1_macro"] == pytest.approx(f1)
+    assert run.data.metrics["error_rows"] == 1
+    assert run.data.params["model_version"] == reg.outcome.version
+    names = {a.path for a in reg.client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/confusion_matrix.json"} <= names
+
+
+def test_predict_flat_folder_to_submission_format_logs_no_run(reg, digits_dir, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in _image_paths(digits_dir, 1):
+        shutil.copy(path, flat / Path(path).name)
+    before = len(_runs(reg.client))
+    output = tmp_path / "submission.csv"
+    argv = ["--model_name", MODEL, "--data", str(flat), "--output", str(output)]
+    assert predict.main([*argv, "--format", "submission", "--method", "hard", "--tta", "3"]) == 0
+    table = pd.read_csv(output, dtype=str)
+    assert list(table.columns) == ["ImageID", "ans"] and len(table) == 4
+    assert table["ans"].isin(["0", "1", "2", "3"]).all()
+    assert len(_runs(reg.client)) == before  # nothing to score: no predict run
+
+
+def test_predict_from_a_csv_of_relative_paths(reg, digits_dir, tmp_path):
+    cfg = PredictConfig(
+        model_name=MODEL,
+        data=str(digits_dir / "manifest.csv"),
+        output=str(tmp_path / "p.csv"),
+        experiment_name="tests",
+        method="geometric",
+    )
+    outcome = predict.run(cfg, progress=False)
+    assert len(outcome.table) == 40 and (outcome.table["error"] == "").all()
+    assert outcome.table["image_id"].iloc[0] == "0/d0000.png"  # as written in the CSV
+    assert outcome.metrics is not None and 0 <= outcome.metrics["test_f1_macro"] <= 1
+
+
+def test_onnx_export_matches_torch(reg, digits_dir, tmp_path):
+    member_uri = f"models:/{MODEL}-members/{reg.outcome.member_versions[0]}"
+    cfg = OnnxExportConfig(model_uri=member_uri, output=str(tmp_path / "onnx"))
+    [description] = onnx_export.run(cfg)
+    meta = mlflow.models.get_model_info(member_uri).metadata
+    prep = Preprocessing.from_metadata(meta)
+    images = [decode_image(p, prep.image_size) for p in _image_paths(digits_dir)]
+    batch = member_batch(images, tta_views(2), prep).numpy()
+    with torch.no_grad():
+        expected = mlflow.pytorch.load_model(member_uri)(torch.from_numpy(batch)).numpy()
+    got = onnx_export.onnx_logits(description.with_suffix(".onnx"), batch)
+    assert got.shape == (16, 4) and np.abs(got - expected).max() < 1e-4
+    assert (tmp_path / "onnx" / "ensemble.json").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_served_model_answers_base64_png(reg, digits_dir, tmp_path):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": reg.uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion"]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    log_file = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        command,
+        env=env,
+        cwd=reg.folder,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: uvicorn goes down with it
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "server not up in 60 s"
+            time.sleep(1)
+        image = _b64(_image_paths(digits_dir, 1)[1])
+        body = {"dataframe_split": {"columns": ["image"], "data": [[image], ["not base64!"]]}}
+        answer = requests.post(f"{url}/invocations", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        good, bad = answer.json()["predictions"]
+        assert good["label"] in {"0", "1", "2", "3"} and good["error"] == ""
+        assert sum(good[f"prob_{c}"] for c in "0123") == pytest.approx(1.0)
+        assert bad["label"] == "" and bad["prob_0"] is None and "base64" in bad["error"]
+        body["params"] = {"method": "hard", "tta": 1}
+        hard = requests.post(f"{url}/invocations", json=body, timeout=60).json()["predictions"][0]
+        assert sorted(hard[f"prob_{c}"] for c in "0123") in ([0, 0, 0, 1], [0, 0, 0.5, 0.5])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log_file.close()
