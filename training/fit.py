@@ -118,16 +118,21 @@ def fit(
         scheduler = _scheduler(optimizer, cfg, stage.epochs)
         best_value, stale = None, 0
         for epoch in range(stage.epochs):
-            train = train_one_epoch(
-                model,
-                train_loader,
-                loss_fn,
-                optimizer,
-                device,
-                scaler,
-                description=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
-                progress=progress,
-            )
+            try:
+                train = train_one_epoch(
+                    model,
+                    train_loader,
+                    loss_fn,
+                    optimizer,
+                    device,
+                    scaler,
+                    description=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
+                    progress=progress,
+                )
+            except RuntimeError as err:  # e.g. Adam's overflow with an absurd learning rate
+                if "overflow" not in str(err):
+                    raise
+                raise DivergedError(f"{stage.name} epoch {epoch + 1}: {err}") from err
             if not math.isfinite(train["loss"]):
                 raise DivergedError(
                     f"{stage.name} epoch {epoch + 1}: training loss {train['loss']}"

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures go to files and MLflow, never to a window
-
 import numpy as np
 import pandas as pd
-from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
+
+# Figures are built without pyplot: no global state, safe from Optuna's worker threads, and
+# no display needed.
 
 
 def learning_curves(history: list[dict[str, float]]) -> Figure:
     """Loss, accuracy and macro F1 per epoch across both stages, stage boundary marked."""
     frame = pd.DataFrame(history)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     panels = [
         ("loss", ["train_loss", "val_loss"]),
         ("accuracy", ["train_accuracy", "val_accuracy"]),
@@ -42,7 +41,8 @@ def confusion_matrix_figure(counts: list[list[int]], class_names: list[str], tit
     rows = counts_array.sum(axis=1, keepdims=True)
     normalised = np.divide(counts_array, rows, out=np.zeros(counts_array.shape), where=rows > 0)
     size = max(4.0, 0.6 * len(class_names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
     ticks = np.arange(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=45, ha="right")
@@ -62,7 +62,8 @@ def probability_distribution(probs: np.ndarray, targets: np.ndarray) -> Figure:
     """Histogram of the probability given to the true class, split by right / wrong."""
     true_prob = probs[np.arange(len(targets)), targets]
     correct = probs.argmax(axis=1) == targets
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     bins = np.linspace(0, 1, 21)
     ax.hist(true_prob[correct], bins=bins, alpha=0.7, label=f"correct ({correct.sum()})")
     ax.hist(true_prob[~correct], bins=bins, alpha=0.7, label=f"wrong ({(~correct).sum()})")
@@ -76,7 +77,8 @@ def probability_distribution(probs: np.ndarray, targets: np.ndarray) -> Figure:
 
 def fold_bars(values: list[float], metric: str, reference: float | None = None) -> Figure:
     """One bar per fold, with the mean (and an out-of-fold reference) as lines."""
-    fig, ax = plt.subplots(figsize=(max(4, len(values) * 0.8 + 2), 4))
+    fig = Figure(figsize=(max(4, len(values) * 0.8 + 2), 4))
+    ax = fig.subplots()
     folds = list(range(len(values)))
     ax.bar(folds, values, color="tab:blue")
     ax.set_xticks(folds)

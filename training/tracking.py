@@ -14,6 +14,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
@@ -187,10 +188,9 @@ class RunTracker:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
-        import matplotlib.pyplot as plt
-
         mlflow.log_figure(figure, artifact_file)
-        plt.close(figure)
+        if plt.fignum_exists(getattr(figure, "number", -1)):  # made by pyplot (e.g. Optuna's)
+            plt.close(figure)
 
     def log_dict(self, data: dict | list, artifact_file: str) -> None:
         mlflow.log_dict(data, artifact_file)

@@ -1,0 +1,56 @@
+"""The `tune` job's frozen config: every `train` field plus the study's own, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from training.config import ConfigError, TrainConfig
+from tuning.space import load_space
+from tuning.study import create_pruner
+
+STORAGE_HINT = "'' (sqlite under mlruns/), a database URL (scheme://...) or a journal file *.log"
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig(TrainConfig):
+    """A `train` config as the base of every trial, and how to search around it."""
+
+    n_trials: int = 12  # trials this invocation adds to the study (per worker process)
+    timeout: int = 0  # seconds this invocation may start new trials for; 0 = no limit
+    study_name: str = "tune"  # re-running with the same name and storage continues the study
+    storage: str = ""  # '' = sqlite:///mlruns/optuna.db; any Optuna URL; *.log = journal file
+    sampler_seed: int = 0  # TPESampler seed (trial n's random draws depend on seed and n)
+    pruner: str = "median"  # median | wilcoxon | threshold | none, options as name:key=value,...
+    cv: int = 0  # 0 = holdout objective; k >= 2 = mean macro F1 over k group-aware folds
+    n_jobs: int = 1  # trials run in parallel threads of this process
+    search_space: str = ""  # YAML file overriding the default ranges (tuning/space.py)
+    best_config: str = ""  # where to write the best config; '' = mlruns/best_config_<study>.yaml
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_tune_fields(self)
+
+
+def _require(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"parameter '{name}': {expected}, got {value!r}")
+
+
+def validate_tune_fields(cfg: TuneConfig) -> None:
+    """Check the study's own fields; the pruner is built once and the search space read once
+    so that a typo fails here, before any data is loaded or run created."""
+    _require(cfg.n_trials >= 1, "n_trials", cfg.n_trials, "an integer >= 1")
+    _require(cfg.timeout >= 0, "timeout", cfg.timeout, "seconds >= 0 (0 = no limit)")
+    _require(bool(cfg.study_name.strip()), "study_name", cfg.study_name, "a name")
+    storage = cfg.storage
+    _require(
+        storage == "" or "://" in storage or storage.endswith(".log"),
+        "storage",
+        storage,
+        STORAGE_HINT,
+    )
+    _require(cfg.sampler_seed >= 0, "sampler_seed", cfg.sampler_seed, "an integer >= 0")
+    _require(cfg.cv == 0 or cfg.cv >= 2, "cv", cfg.cv, "0 (holdout) or a number of folds >= 2")
+    _require(cfg.n_jobs >= 1, "n_jobs", cfg.n_jobs, "an integer >= 1")
+    create_pruner(cfg.pruner)
+    load_space(cfg.search_space)

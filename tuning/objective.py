@@ -1,0 +1,130 @@
+"""The Optuna objective: one `train` run per trial (or one per fold), nested under the study run."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import optuna
+
+from training.config import TrainConfig, config_to_dict, config_to_yaml, train_config_from
+from training.data import LabelledImages
+from training.fit import DivergedError
+from training.pipeline import execute, plan_training
+from training.splits import assign_folds, holdout_split
+from training.tracking import RunTracker, set_run_tags
+from tuning.config import TuneConfig
+from tuning.space import SearchSpace, suggest
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_f1_macro"  # reported for pruning and returned as the value: one scale for both
+
+
+class Objective:
+    """Callable objective over data decoded once per process and a split decided once, so
+    every trial sees the same images and the same validation rows."""
+
+    def __init__(self, cfg: TuneConfig, space: SearchSpace, data: LabelledImages) -> None:
+        self.base = dataclasses.replace(train_config_from(cfg), config="", run_name="")
+        self.space = space
+        self.data = data
+        self.cv = cfg.cv
+        self.study_name = cfg.study_name
+        self.parent_run_id: str | None = None
+        self.trial_numbers: list[int] = []  # trials of this process (list.append is atomic)
+        if self.cv:
+            self.fold_of = assign_folds(data.labels, data.groups, self.cv, cfg.seed)
+        else:
+            self.val_mask = holdout_split(data.labels, data.groups, cfg.val_fraction, cfg.seed)
+
+    def preflight(self) -> None:
+        """Plan once with the base config: weights and class-weight errors surface before any
+        run exists."""
+        plan_training(self.base, self.data, self.val_mask if not self.cv else self.fold_of == 0)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.trial_numbers.append(trial.number)
+        cfg = dataclasses.replace(
+            self.base, **suggest(trial, self.space, self.base), run_name=f"trial-{trial.number}"
+        )
+        tracker = RunTracker(
+            cfg.experiment_name,
+            run_name=cfg.run_name,
+            parent_run_id=self.parent_run_id,
+            tags=self._tags(trial),
+            finish_on=(optuna.TrialPruned,),
+        )
+        state = "FAIL"
+        try:
+            run_trial = self._cross_validate if self.cv else self._holdout
+            value = run_trial(trial, cfg, tracker)
+            state = "COMPLETE"
+            return value
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        finally:
+            if tracker.run_id:  # tagged after the run ended: its final word on the trial
+                set_run_tags(tracker.run_id, {"trial_state": state})
+
+    def _tags(self, trial: optuna.Trial, **extra: object) -> dict[str, str]:
+        return {"optuna_study": self.study_name, "trial_number": str(trial.number), **extra}
+
+    def _holdout(self, trial: optuna.Trial, cfg: TrainConfig, tracker: RunTracker) -> float:
+        plan = plan_training(cfg, self.data, self.val_mask)
+        with tracker:
+            trial.set_user_attr("mlflow_run_id", tracker.run_id)
+            outcome = _execute(plan, tracker, _pruning_callback(trial))
+            value = outcome.best[METRIC]
+            tracker.log_metrics({"trial_value": value})
+        return value
+
+    def _cross_validate(self, trial: optuna.Trial, cfg: TrainConfig, tracker: RunTracker) -> float:
+        """One run per fold nested under the trial's run; pruning is decided after each fold."""
+        scores = []
+        with tracker:
+            trial.set_user_attr("mlflow_run_id", tracker.run_id)
+            tracker.log_params({**config_to_dict(cfg), "cv": self.cv})
+            tracker.set_tags({"job": "tune-trial-cv"})
+            tracker.log_text(config_to_yaml(cfg), "config.yaml")
+            for fold in range(self.cv):
+                fold_cfg = dataclasses.replace(cfg, run_name=f"{cfg.run_name}-fold-{fold}")
+                plan = plan_training(fold_cfg, self.data, self.fold_of == fold)
+                with RunTracker(
+                    cfg.experiment_name,
+                    run_name=fold_cfg.run_name,
+                    parent_run_id=tracker.run_id,
+                    tags=self._tags(trial, fold=fold),
+                    finish_on=(optuna.TrialPruned,),
+                ) as fold_run:
+                    outcome = _execute(plan, fold_run)
+                scores.append(outcome.best[METRIC])
+                tracker.log_metrics({f"fold_{METRIC}": scores[-1]}, step=fold)
+                trial.report(scores[-1], fold)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after fold {fold}")
+            value = float(np.mean(scores))
+            tracker.log_metrics({"trial_value": value, f"cv_std_{METRIC}": float(np.std(scores))})
+        return value
+
+
+def _execute(plan, tracker: RunTracker, on_epoch=None):
+    """Fit through the `train` pipeline; a diverged fit is pruned (the run says why), so the
+    study goes on and the sampler still learns from the trial."""
+    try:
+        return execute(plan, tracker, on_epoch=on_epoch, progress=False)
+    except DivergedError as err:
+        tracker.set_tags({"diverged": str(err)})
+        raise optuna.TrialPruned(f"diverged: {err}") from err
+
+
+def _pruning_callback(trial: optuna.Trial):
+    def report(record: dict[str, float]) -> None:
+        step = int(record["step"])
+        trial.report(record[METRIC], step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step}")
+
+    return report

@@ -1,0 +1,74 @@
+"""`tune` entry point: an Optuna study over `train`, one MLflow parent run per invocation."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from training.config import parse_cli
+from training.logs import setup_logging
+from training.tracking import RunTracker, configure_tracking
+from training.train import USER_ERRORS, load_data
+from tuning.config import TuneConfig
+from tuning.objective import Objective
+from tuning.results import TuneSummary, log_study_results, study_params
+from tuning.space import load_space
+from tuning.study import open_study
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: TuneConfig) -> TuneSummary:
+    """Validate data, weights and storage first; then add `n_trials` trials to the study."""
+    space = load_space(cfg.search_space)
+    if cfg.cv:
+        data = load_data(cfg, cfg.cv, f"{cfg.cv}-fold cross-validation")
+    else:
+        data = load_data(cfg)
+    objective = Objective(cfg, space, data)
+    objective.preflight()
+    configure_tracking()
+    study = open_study(cfg.storage, cfg.study_name, cfg.sampler_seed, cfg.pruner)
+    if cfg.pruner.startswith("wilcoxon") and not cfg.cv:
+        log.info("wilcoxon pruner with cv=0: its paired test runs over epochs, not folds")
+    run_name = cfg.run_name or f"tune-{cfg.study_name}"
+    params = study_params(cfg, space)
+    # Under `mlflow run` the parent adopts the launcher's run, or nests under it when a config
+    # file changed values that run already logged.
+    with RunTracker(cfg.experiment_name, run_name=run_name, params=params) as parent:
+        parent.set_tags({"job": "tune", "optuna_study": cfg.study_name})  # adopted runs too
+        parent.log_dict(params, "tune_config.yaml")
+        objective.parent_run_id = parent.run_id
+        study.optimize(
+            objective,
+            n_trials=cfg.n_trials,
+            timeout=cfg.timeout or None,
+            n_jobs=cfg.n_jobs,
+            catch=(RuntimeError,),  # e.g. an overflow in the optimizer: FAIL, study goes on
+        )
+        ran = len(objective.trial_numbers)
+        return log_study_results(parent, study, cfg, objective.base, ran)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        cfg = parse_cli(TuneConfig, argv, description=__doc__)
+        summary = run(cfg)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    states = ", ".join(f"{n} {s.lower()}" for s, n in summary.states.items() if n)
+    print(f"study {summary.study_name}: {states}; parent run {summary.parent_run_id}")
+    if summary.best_value is None:
+        print("no completed trial yet: run again to add trials")
+    else:
+        print(
+            f"best value {summary.best_value:.4f} (trial {summary.best_trial}): "
+            f"{summary.best_params}\nbest config: {summary.best_config_path}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
