@@ -35,6 +35,10 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# Speed and memory against bare baselines (a few minutes; rewrites BENCHMARKS.md).
+bench: install
+	$(PYTHON) -m bench.run_all
+
 ui: install
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) -h 127.0.0.1 -p 5000
 

@@ -6,7 +6,8 @@ number), so the only difference is where the pruner stops a trial.
 
     .venv/bin/python -m training.demo_data          # data/demo, once
     .venv/bin/python bench/pruning_savings.py         # full: Lite0 (ImageNet weights), ~15 min
-    .venv/bin/python bench/pruning_savings.py --quick # smoke: tiny model, 100 images, ~1 minute
+    .venv/bin/python bench/pruning_savings.py --bench # make bench's size: Lite0, ~2 minutes
+    .venv/bin/python bench/pruning_savings.py --quick # smoke: tiny model, 50 images, seconds
 """
 
 from __future__ import annotations
@@ -47,15 +48,28 @@ FULL = {
     # Judge after two epochs; the first three trials only set the bar.
     "pruner": "median:n_startup_trials=3,n_warmup_steps=1",
 }
+# `make bench`'s size: the same kind of study, small enough for about two minutes.
+BENCH = {
+    "per_class": 20,
+    "model": "tf_efficientnet_lite0",
+    "pretrained": "lite0-pypi",
+    "image_size": 32,
+    "stage1_epochs": 1,
+    "stage2_epochs": 3,
+    "unfreeze_blocks": 9,
+    "n_trials": 6,
+    "pruner": "median:n_startup_trials=2,n_warmup_steps=1",
+}
+# The smoke test's size: checks the plumbing, not the savings.
 QUICK = {
-    "per_class": 10,
+    "per_class": 5,
     "model": "test_efficientnet",
     "pretrained": "none",
     "image_size": 32,
     "stage1_epochs": 1,
-    "stage2_epochs": 2,
+    "stage2_epochs": 1,
     "unfreeze_blocks": 2,
-    "n_trials": 4,
+    "n_trials": 2,
     "pruner": "median:n_startup_trials=1",
 }
 
@@ -118,15 +132,16 @@ def run_arm(settings: dict, data: Path, folder: Path, pruner: str) -> dict:
     }
 
 
-def run(quick: bool = False) -> dict:
-    """Both arms, same trials; returns epochs, seconds and the savings of pruning."""
-    settings = QUICK if quick else FULL
+def run(quick: bool = False, settings: dict | None = None) -> dict:
+    """Both arms, same trials; returns epochs, seconds and the savings of pruning.
+    `settings` (e.g. BENCH) overrides the QUICK / FULL choice."""
+    settings = settings or (QUICK if quick else FULL)
     with scratch_workspace() as folder:
         data = demo_manifest(folder, settings["per_class"])
         pruned = run_arm(settings, data, folder, settings["pruner"])
         full = run_arm(settings, data, folder, "none")
     return {
-        "mode": "quick" if quick else "full",
+        "mode": "quick" if settings is QUICK else "bench" if settings is BENCH else "full",
         "model": settings["model"],
         "images": settings["per_class"] * 10,
         "trials": settings["n_trials"],
@@ -148,8 +163,9 @@ def run(quick: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--bench", action="store_true", help="make bench's size")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.quick), indent=2))
+    print(json.dumps(run(args.quick, BENCH if args.bench else None), indent=2))
     return 0
 
 

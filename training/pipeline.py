@@ -133,7 +133,7 @@ def execute(
             "val_images": int(plan.val_mask.sum()),
             "skipped_images": len(data.skipped),
             "data_digest": data.digest,
-            "device": device.type,
+            "device_used": device.type,
         }
     )
     tracker.set_tags({"job": "train", "weights_source": plan.model_info.weights_source})
