@@ -19,14 +19,12 @@ from registry.config import PredictConfig
 from registry.errors import PredictError
 from registry.inputs import discover_inputs
 from training import plots
-from training.config import ConfigError, config_to_dict, parse_cli
-from training.logs import setup_logging
+from training.cli import run_entry_point
+from training.config import config_to_dict
 from training.metrics import classification_metrics, confusion, report, report_text
 from training.tracking import RunTracker, configure_tracking
 
 log = logging.getLogger(__name__)
-
-USER_ERRORS = (ConfigError, PredictError)
 
 
 @dataclass
@@ -177,15 +175,7 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictOutcome:
     return PredictOutcome(table, output, metrics, run_id)
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours is enough
-    try:
-        cfg = parse_cli(PredictConfig, argv, description=__doc__)
-        outcome = run(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def print_summary(outcome: PredictOutcome) -> None:
     table = outcome.table
     errors = int((table["error"] != "").sum())
     print(f"{len(table) - errors} of {len(table)} image(s) predicted -> {outcome.output}")
@@ -195,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             f"test macro F1 {m['test_f1_macro']:.4f}, accuracy {m['test_accuracy']:.4f} "
             f"on {int(m['test_images'])} labelled image(s); run {outcome.run_id}"
         )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours is enough
+    return run_entry_point(PredictConfig, argv, __doc__, run, print_summary, (PredictError,))
 
 
 if __name__ == "__main__":

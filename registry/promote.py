@@ -28,12 +28,10 @@ from registry.selection import (
     select_top_k,
 )
 from registry.voting import metric_weights
-from training.config import ConfigError, config_to_dict, parse_cli
-from training.logs import setup_logging
+from training.cli import run_entry_point
+from training.config import config_to_dict
 from training.pipeline import pip_requirements
 from training.tracking import RunTracker
-
-USER_ERRORS = (ConfigError, PromoteError)
 
 
 @dataclass(frozen=True)
@@ -233,15 +231,7 @@ def promote(cfg: PromoteConfig) -> PromoteOutcome:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # copies are local
-    try:
-        cfg = parse_cli(PromoteConfig, argv, description=__doc__)
-        outcome = promote(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def report(outcome) -> None:
     plan = outcome.plan
     folds = [
         f"fold {fold.fold} ({plan.cfg.metric}={fold.metrics[plan.cfg.metric]:.4f})"
@@ -255,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         f"members {plan.cfg.members_model_name} versions {outcome.member_versions}\n"
         f"model: {outcome.model_uri}"
     )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # copies are local
+    return run_entry_point(PromoteConfig, argv, __doc__, promote, report, (PromoteError,))
 
 
 if __name__ == "__main__":

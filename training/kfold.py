@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from training.config import ConfigError, TrainConfig, config_to_dict, parse_cli, train_config_from
+from training.cli import run_entry_point
+from training.config import ConfigError, TrainConfig, config_to_dict, train_config_from
 from training.data import LabelledImages
 from training.kfold_summary import summarise_folds
-from training.logs import setup_logging
 from training.pipeline import execute, plan_training
 from training.splits import assign_folds
 from training.tracking import (
@@ -24,7 +24,7 @@ from training.tracking import (
     set_run_status,
     set_run_tags,
 )
-from training.train import USER_ERRORS, load_data
+from training.train import load_data
 
 log = logging.getLogger(__name__)
 
@@ -222,24 +222,20 @@ def run_kfold(cfg: KFoldConfig) -> KFoldOutcome:
         return KFoldOutcome(parent.run_id, [done[f] for f in sorted(done)], summary)
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    try:
-        cfg = parse_cli(KFoldConfig, argv, description=__doc__)
-        outcome = run_kfold(cfg)
-    except (*USER_ERRORS, KFoldError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def report(outcome: KFoldOutcome) -> None:
     if not outcome.summary:
         print(f"k-fold job {outcome.parent_run_id}: {len(outcome.fold_run_ids)} fold(s) finished")
-        return 0
+        return
     s = outcome.summary
     print(
         f"k-fold job {outcome.parent_run_id}: mean val macro F1 {s['mean_val_f1_macro']:.4f} "
         f"± {s['std_val_f1_macro']:.4f}, out-of-fold macro F1 {s['oof_f1_macro']:.4f}, "
         f"accuracy {s['oof_accuracy']:.4f}"
     )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry_point(KFoldConfig, argv, __doc__, run_kfold, report, (KFoldError,))
 
 
 if __name__ == "__main__":

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from training.config import ConfigError, TrainConfig, config_to_dict, parse_cli
-from training.data import DataError, load_labelled_images
-from training.logs import setup_logging
-from training.model import WeightsError
+from training.cli import run_entry_point
+from training.config import TrainConfig, config_to_dict
+from training.data import load_labelled_images
 from training.pipeline import TrainOutcome, execute, plan_training
 from training.splits import holdout_split
 from training.tracking import RunTracker
-
-USER_ERRORS = (ConfigError, DataError, WeightsError)
 
 
 def load_data(cfg: TrainConfig, min_per_class: int = 2, reason: str = "a stratified split"):
@@ -38,20 +35,16 @@ def run(cfg: TrainConfig, progress: bool = True) -> TrainOutcome:
         return execute(plan, tracker, progress=progress)
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    try:
-        cfg = parse_cli(TrainConfig, argv, description=__doc__)
-        outcome = run(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def report(outcome: TrainOutcome) -> None:
     best = outcome.best
     print(
         f"run {outcome.run_id}: best val macro F1 {best['val_f1_macro']:.4f}, "
         f"accuracy {best['val_accuracy']:.4f}\nmodel: {outcome.model_uri}"
     )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry_point(TrainConfig, argv, __doc__, run, report)
 
 
 if __name__ == "__main__":

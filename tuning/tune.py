@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from training.config import parse_cli
-from training.logs import setup_logging
+from training.cli import run_entry_point
 from training.tracking import RunTracker, configure_tracking
-from training.train import USER_ERRORS, load_data
+from training.train import load_data
 from tuning.config import TuneConfig
 from tuning.objective import Objective
 from tuning.results import TuneSummary, log_study_results, study_params
@@ -50,14 +49,7 @@ def run(cfg: TuneConfig) -> TuneSummary:
         return log_study_results(parent, study, cfg, objective.base, ran)
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    try:
-        cfg = parse_cli(TuneConfig, argv, description=__doc__)
-        summary = run(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def report(summary) -> None:
     states = ", ".join(f"{n} {s.lower()}" for s, n in summary.states.items() if n)
     print(f"study {summary.study_name}: {states}; parent run {summary.parent_run_id}")
     if summary.best_value is None:
@@ -67,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             f"best value {summary.best_value:.4f} (trial {summary.best_trial}): "
             f"{summary.best_params}\nbest config: {summary.best_config_path}"
         )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry_point(TuneConfig, argv, __doc__, run, report)
 
 
 if __name__ == "__main__":
