@@ -129,6 +129,11 @@ def run_arm(settings: dict, data: Path, folder: Path, pruner: str) -> dict:
         "pruned": summary.states["PRUNED"],
         "best_value": summary.best_value,
         "params": [t.params for t in study.trials],
+        # Per trial, the monitored value after each epoch: shows why a trial was (not) pruned.
+        "curves": [
+            [round(t.intermediate_values[step], 3) for step in sorted(t.intermediate_values)]
+            for t in study.trials
+        ],
     }
 
 
@@ -157,6 +162,8 @@ def run(quick: bool = False, settings: dict | None = None) -> dict:
         "trials_pruned": pruned["pruned"],
         "best_value_median": pruned["best_value"],
         "best_value_none": full["best_value"],
+        "curves_median": pruned["curves"],
+        "curves_none": full["curves"],
     }
 
 
