@@ -381,18 +381,3 @@ def test_mlproject_tune_parameters_mirror_the_dataclass():
         declared = entry["parameters"][name]["default"]
         assert str(declared).lower() == str(default).lower(), name
         assert f"--{name} {{{name}}}" in entry["command"], name
-
-
-def test_a_new_study_starts_from_the_base_config():
-    from training.config import TrainConfig
-    from tuning.space import base_trial, load_space
-
-    base = TrainConfig(model="test_resnet", pretrained="none", stage1_lr=0.002, dropout=0.3)
-    assert base_trial(load_space(), base) == {
-        "stage1_lr": 0.002,
-        "stage2_lr": 1e-4,
-        "dropout": 0.3,
-        "class_weight_strength": 1.0,
-    }
-    outside = TrainConfig(model="test_resnet", pretrained="none", stage2_lr=0.5)
-    assert base_trial(load_space(), outside) is None  # never enqueue an out-of-range value

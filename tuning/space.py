@@ -94,16 +94,3 @@ def suggest(trial: optuna.Trial, space: SearchSpace, base: TrainConfig) -> dict[
             "class_weight_strength", **space["class_weight_strength"]
         )
     return params
-
-
-def base_trial(space: SearchSpace, base: TrainConfig) -> dict[str, float] | None:
-    """The base config's own values of the searched fields, to evaluate first on a new study
-    (so the best found is never worse than where the user started); None when a value lies
-    outside its range or a field is fixed by the YAML space."""
-    values = {}
-    for name, bounds in space.items():
-        value = float(getattr(base, name))
-        if not isinstance(bounds, dict) or not bounds["low"] <= value <= bounds["high"]:
-            return None
-        values[name] = value
-    return values

@@ -11,7 +11,7 @@ from training.train import load_data
 from tuning.config import TuneConfig
 from tuning.objective import Objective
 from tuning.results import TuneSummary, log_study_results, study_params
-from tuning.space import base_trial, load_space
+from tuning.space import load_space
 from tuning.study import open_study
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,6 @@ def run(cfg: TuneConfig) -> TuneSummary:
     objective.preflight()
     configure_tracking()
     study = open_study(cfg.storage, cfg.study_name, cfg.sampler_seed, cfg.pruner)
-    start = base_trial(space, objective.base)
-    if start is not None and not study.trials:
-        study.enqueue_trial(start, skip_if_exists=True)  # trial 0 = the config as given
     if cfg.pruner.startswith("wilcoxon") and not cfg.cv:
         log.info("wilcoxon pruner with cv=0: its paired test runs over epochs, not folds")
     run_name = cfg.run_name or f"tune-{cfg.study_name}"
