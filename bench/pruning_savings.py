@@ -29,6 +29,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import fresh_sqlite_store  # noqa: E402
 from training.demo_data import write_demo_data  # noqa: E402
 from tuning.config import TuneConfig  # noqa: E402
 from tuning.study import create_storage  # noqa: E402
@@ -80,7 +81,7 @@ def scratch_workspace() -> Iterator[Path]:
     saved_cwd, saved_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as folder:
         os.chdir(folder)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(folder) / 'mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = fresh_sqlite_store(Path(folder) / "mlflow.db")
         try:
             # Create both stores now so that neither arm's time includes their set-up.
             mlflow.MlflowClient().search_experiments()

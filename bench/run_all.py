@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = Path(__file__).with_name("notes.md")  # hand-written analysis, appended verbatim
+RESULTS = Path(__file__).with_name("results.json")  # the last full run's raw figures
 ORDER = (
     "train_throughput",
     "logging_cost",
@@ -165,15 +166,16 @@ def details(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def render(results: dict[str, dict], command: str, seconds: float) -> str:
+def render(results: dict[str, dict], command: str, seconds: float, date: str = "") -> str:
     info = machine()
+    date = date or f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     lines = [
         "# Benchmarks",
         "",
         "Speed and memory of the platform against bare baselines measured in the same run "
         "(`bench/`, one module per figure; each module runs in a fresh process).",
         "",
-        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- Date: {date}",
         f"- Command: `{command}` ({seconds / 60:.1f} minutes)",
         "- Machine: "
         + ", ".join(f"{k} {v}" if k != "cpu" else v for k, v in info.items() if k != "python")
@@ -195,12 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke sizes")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--only", nargs="*", choices=ORDER, help="a subset (prints JSON only)")
+    parser.add_argument(
+        "--render", action="store_true", help=f"rewrite the report from {RESULTS.name}, no runs"
+    )
     parser.add_argument("--one", choices=ORDER, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--epoch-seconds", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         run_one(args.one, args.quick, args.epoch_seconds, Path(args.out))
+        return 0
+    if args.render:  # e.g. after editing notes.md
+        saved = json.loads(RESULTS.read_text())
+        meta = saved["meta"]
+        text = render(saved["figures"], meta["command"], meta["seconds"], meta["date"])
+        Path(args.output).write_text(text)
         return 0
     start = time.perf_counter()
     results: dict[str, dict] = {}
@@ -215,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
         return 0
     command = "make bench" if not args.quick else "python -m bench.run_all --quick"
-    Path(args.output).write_text(render(results, command, seconds))
+    date = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    Path(args.output).write_text(render(results, command, seconds, date))
+    if not args.quick:
+        meta = {"date": date, "command": command, "seconds": round(seconds, 1)}
+        RESULTS.write_text(json.dumps({"meta": meta, "figures": results}, indent=2) + "\n")
     print(f"{args.output} written ({seconds / 60:.1f} minutes)")
     return 0
 
