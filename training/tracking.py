@@ -214,7 +214,12 @@ class RunTracker:
         with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(table, source=source, name=name, targets="label")
-        mlflow.log_input(dataset, context=context, tags={"content_digest": digest})
+        try:
+            mlflow.log_input(dataset, context=context, tags={"content_digest": digest})
+        except Exception:  # noqa: BLE001 - a parallel worker inserted the same dataset first
+            # MLflow's insert of a new dataset races across processes (unique digest); on the
+            # retry the dataset exists and only the run's input link is written.
+            mlflow.log_input(dataset, context=context, tags={"content_digest": digest})
 
     def log_pytorch_model(
         self,
