@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from registry.errors import PredictError
+from training.data import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,8 @@ def _from_folder(root: Path) -> pd.DataFrame:
 
 
 def _from_csv(csv: Path, path_column: str, label_column: str) -> pd.DataFrame:
-    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    if path_column not in table.columns:
-        raise PredictError(
-            f"{csv}: column '{path_column}' (parameter 'path_column') not found; "
-            f"columns are {list(table.columns)}"
-        )
-    if table.empty:
-        raise PredictError(f"parameter 'data': {csv} has no rows")
-    paths = [str(p if Path(p).is_absolute() else csv.parent / p) for p in table[path_column]]
+    # The label column is optional here: without it predict computes no metrics.
+    table, paths = read_manifest(csv, {"path_column": path_column}, PredictError)
     labels = table[label_column] if label_column in table.columns else None
     if labels is not None and (labels.str.strip() == "").any():
         log.warning(

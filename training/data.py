@@ -79,23 +79,30 @@ def _discover_folder(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "label", "group"])
 
 
+def read_manifest(
+    csv: Path, columns: dict[str, str], error: type[Exception] = DataError
+) -> tuple[pd.DataFrame, list[str]]:
+    """A CSV manifest read as text with each given column checked (the error names its
+    parameter), and its `path_column` paths made absolute against the CSV's folder."""
+    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    for parameter, column in columns.items():
+        if column and column not in table.columns:
+            raise error(
+                f"{csv}: column '{column}' (parameter '{parameter}') not found; "
+                f"columns are {list(table.columns)}"
+            )
+    if table.empty:
+        raise error(f"parameter 'data': {csv} has no rows")
+    root = csv.parent
+    paths = [str(p if Path(p).is_absolute() else root / p) for p in table[columns["path_column"]]]
+    return table, paths
+
+
 def _discover_csv(
     csv: Path, path_column: str, label_column: str, group_column: str
 ) -> pd.DataFrame:
-    manifest = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    for parameter, column in (
-        ("path_column", path_column),
-        ("label_column", label_column),
-        ("group_column", group_column),
-    ):
-        if column and column not in manifest.columns:
-            raise DataError(
-                f"{csv}: column '{column}' (parameter '{parameter}') not found; "
-                f"columns are {list(manifest.columns)}"
-            )
-    if manifest.empty:
-        raise DataError(f"data '{csv}' has no rows")
-    paths = [str(p if Path(p).is_absolute() else csv.parent / p) for p in manifest[path_column]]
+    columns = {"path_column": path_column, "label_column": label_column}
+    manifest, paths = read_manifest(csv, {**columns, "group_column": group_column})
     groups = manifest[group_column] if group_column else None
     table = pd.DataFrame({"path": paths, "label": manifest[label_column], "group": groups})
     blank = table["label"].str.strip() == ""

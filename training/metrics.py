@@ -38,23 +38,22 @@ def confusion(targets: np.ndarray, preds: np.ndarray, class_names: list[str]) ->
     }
 
 
-def report(targets: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict:
+def _classification_report(
+    targets: np.ndarray, preds: np.ndarray, class_names: list[str], **options
+) -> dict | str:
     return classification_report(
         targets,
         preds,
-        labels=np.arange(len(class_names)),
+        labels=np.arange(len(class_names)),  # every class, also one absent from this split
         target_names=list(class_names),
-        output_dict=True,
         zero_division=0,
+        **options,
     )
+
+
+def report(targets: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict:
+    return _classification_report(targets, preds, class_names, output_dict=True)
 
 
 def report_text(targets: np.ndarray, preds: np.ndarray, class_names: list[str]) -> str:
-    return classification_report(
-        targets,
-        preds,
-        labels=np.arange(len(class_names)),
-        target_names=list(class_names),
-        digits=4,
-        zero_division=0,
-    )
+    return _classification_report(targets, preds, class_names, digits=4)
