@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -23,8 +24,15 @@ from training.config import ConfigError, TrainConfig, config_to_dict, parse_cli
 from training.tracking import flatten_params
 from tuning import plots, tune
 from tuning.config import TuneConfig
-from tuning.space import DEFAULT_SPACE, load_space, suggest
-from tuning.study import TrialSeededTPESampler, create_pruner, create_storage, mask_url
+from tuning.space import DEFAULT_SPACE, base_trial, load_space, suggest
+from tuning.study import (
+    TrialSeededTPESampler,
+    create_pruner,
+    create_storage,
+    mask_url,
+    open_study,
+    pruner_options,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +99,9 @@ def test_two_worker_processes_share_one_study_and_a_rerun_adds_trials(
     study = optuna.load_study(study_name="shared", storage=storage)
     assert len(study.trials) == 3
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3  # no repeats
+    # Both workers raced to create the study; the base config was enqueued exactly once.
+    origins = [t.user_attrs.get("origin", "sampled") for t in study.trials]
+    assert origins.count("base config") == 1
 
     runs = all_runs()
     parents = runs[runs["tags.job"] == "tune"].set_index("params.pruner")
@@ -98,7 +109,7 @@ def test_two_worker_processes_share_one_study_and_a_rerun_adds_trials(
     assert set(parents["params.storage"]) == {str(journal)}
     assert set(parents["params.storage_url"]) == {str(journal)}
     assert json.loads(parents["params.search_space_json"].iloc[0]).keys() == DEFAULT_SPACE.keys()
-    assert set(parents["params.sampler"]) == {"TPESampler(seed=0)"}
+    assert set(parents["params.sampler"]) == {"TPESampler(seed=0, n_startup_trials=5)"}
     children = trial_runs(runs)
     assert len(children) == 3
     expected = {"none": ("COMPLETE", 1), "threshold:lower=1.01": ("PRUNED", 2)}
@@ -116,6 +127,7 @@ def test_two_worker_processes_share_one_study_and_a_rerun_adds_trials(
         run_id = trial.user_attrs["mlflow_run_id"]
         assert by_run.loc[run_id, "tags.trial_state"] == trial.state.name
         assert by_run.loc[run_id, "tags.trial_number"] == str(trial.number)
+        assert by_run.loc[run_id, "tags.trial_origin"] == trial.user_attrs.get("origin", "sampled")
         history = client.get_metric_history(run_id, "val_f1_macro")
         if trial.state == optuna.trial.TrialState.PRUNED:
             assert [m.step for m in history] == [0] == list(trial.intermediate_values)
@@ -203,6 +215,10 @@ def test_cv_objective_nests_one_run_per_fold_under_the_trial_run(tracking, digit
     assert [m.value for m in history] == pytest.approx(fold_scores)
     study = optuna.load_study(study_name="tune", storage="sqlite:///mlruns/optuna.db")
     assert study.trials[0].value == pytest.approx(sum(fold_scores) / 2)
+    # A new study's first trial is the base config; the parent says what tuning gained on it.
+    assert trial["tags.trial_origin"].item() == "base config"
+    assert parent["metrics.base_value"].item() == pytest.approx(study.trials[0].value)
+    assert parent["metrics.best_gain_over_base"].item() == 0
     assert Path("best/cv.yaml").is_file()
 
 
@@ -230,9 +246,10 @@ KILLED_WORKER = textwrap.dedent(
     """
     import sys, time
     from training.tracking import RunTracker
-    from tuning.study import open_study
+    from tuning.study import TrialSeededTPESampler, create_pruner, open_study
 
-    study = open_study(sys.argv[1], "crash", 0, "none", heartbeat_seconds=1)
+    sampler, pruner = TrialSeededTPESampler(0), create_pruner("none")
+    study = open_study(sys.argv[1], "crash", sampler, pruner, heartbeat_seconds=1)
 
     def objective(trial):
         if trial.number == 0:
@@ -259,9 +276,8 @@ def test_a_killed_workers_trial_ends_failed_and_nothing_else_is_lost(tracking, t
     proc.wait()
     time.sleep(2.5)  # past the grace period (2 x 1 s heartbeat)
 
-    from tuning.study import open_study
-
-    study = open_study(url, "crash", 0, "none", heartbeat_seconds=1)
+    sampler, pruner = TrialSeededTPESampler(0), create_pruner("none")
+    study = open_study(url, "crash", sampler, pruner, heartbeat_seconds=1)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
     assert study.best_value == 0.5
     runs = all_runs().set_index("tags.mlflow.runName")
@@ -352,9 +368,17 @@ def test_trial_seeded_sampler_repeats_per_trial_number_not_per_process():
 
 
 def test_pruner_specs_and_masked_storage_urls():
-    pruner = create_pruner("median:n_startup_trials=1,n_warmup_steps=3")
+    pruner = create_pruner("median:n_startup_trials=1,n_warmup_steps=3", warmup_steps=2)
     assert isinstance(pruner, optuna.pruners.MedianPruner)
-    assert pruner._n_warmup_steps == 3 and pruner._n_startup_trials == 1
+    assert pruner._n_warmup_steps == 3 and pruner._n_startup_trials == 1  # the spec wins
+    # The median pruner waits out stage 1 and half of stage 2 unless told otherwise; with cv
+    # a step is a fold and there is nothing to wait for.
+    cfg = TuneConfig(model="test_resnet", stage1_epochs=3, stage2_epochs=5)
+    assert cfg.pruner_warmup_steps == 6
+    assert dataclasses.replace(cfg, stage2_epochs=4).pruner_warmup_steps == 5
+    assert dataclasses.replace(cfg, cv=3).pruner_warmup_steps == 0
+    assert pruner_options("median", cfg.pruner_warmup_steps) == ("median", {"n_warmup_steps": 6})
+    assert pruner_options("threshold:lower=0.1", 4) == ("threshold", {"lower": 0.1})
     assert isinstance(create_pruner("none"), optuna.pruners.NopPruner)
     assert isinstance(create_pruner("wilcoxon"), optuna.pruners.WilcoxonPruner)
     with pytest.raises(ConfigError, match="parameter 'pruner'"):
@@ -381,3 +405,46 @@ def test_mlproject_tune_parameters_mirror_the_dataclass():
         declared = entry["parameters"][name]["default"]
         assert str(declared).lower() == str(default).lower(), name
         assert f"--{name} {{{name}}}" in entry["command"], name
+
+
+def test_a_new_study_starts_from_the_base_config_enqueued_once(tmp_path):
+    base = TrainConfig(model="test_resnet", pretrained="none", stage1_lr=0.002, dropout=0.25)
+    first = base_trial(load_space(), base)
+    assert first == {
+        "stage1_lr": 0.002,
+        "stage2_lr": 1e-4,
+        "dropout": 0.25,
+        "class_weight_strength": 1.0,
+    }
+    outside = dataclasses.replace(base, stage2_lr=0.5)
+    assert base_trial(load_space(), outside) is None  # never enqueue an out-of-range value
+    no_weights = dataclasses.replace(base, class_weights="none")
+    assert "class_weight_strength" not in base_trial(load_space(), no_weights)
+
+    # Four workers open the same new study at once: only its creator enqueues the base.
+    journal = str(tmp_path / "race.log")
+
+    def open_one(_):
+        sampler, pruner = TrialSeededTPESampler(0), create_pruner("none")
+        return open_study(journal, "race", sampler, pruner, first_trial=first)
+
+    with ThreadPoolExecutor(4) as pool:
+        studies = list(pool.map(open_one, range(4)))
+    waiting = studies[-1].get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs for t in waiting] == [{"origin": "base config"}]
+    trial = studies[0].ask()
+    assert suggest(trial, load_space(), base) == first
+    assert trial.user_attrs == {"origin": "base config"}
+
+
+def test_the_pruner_judges_every_epoch_but_the_last():
+    from tuning.objective import METRIC, _pruning_callback
+
+    study = optuna.create_study(direction="maximize", pruner=create_pruner("threshold:lower=1.01"))
+    early = study.ask()
+    with pytest.raises(optuna.TrialPruned, match="pruned at step 0"):
+        _pruning_callback(early, last_step=1)({"step": 0, METRIC: 0.5})
+    last = study.ask()
+    _pruning_callback(last, last_step=1)({"step": 1, METRIC: 0.5})  # stopping here saves nothing
+    assert last.should_prune()  # the pruner would have; the callback did not ask
+    assert study.trials[-1].intermediate_values == {1: 0.5}

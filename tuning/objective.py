@@ -70,13 +70,20 @@ class Objective:
                 set_run_tags(tracker.run_id, {"trial_state": state})
 
     def _tags(self, trial: optuna.Trial, **extra: object) -> dict[str, str]:
-        return {"optuna_study": self.study_name, "trial_number": str(trial.number), **extra}
+        origin = trial.user_attrs.get("origin", "sampled")  # "base config" when enqueued
+        return {
+            "optuna_study": self.study_name,
+            "trial_number": str(trial.number),
+            "trial_origin": origin,
+            **extra,
+        }
 
     def _holdout(self, trial: optuna.Trial, cfg: TrainConfig, tracker: RunTracker) -> float:
         plan = plan_training(cfg, self.data, self.val_mask)
         with tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
-            outcome = _execute(plan, tracker, _pruning_callback(trial))
+            last_step = cfg.stage1_epochs + cfg.stage2_epochs - 1
+            outcome = _execute(plan, tracker, _pruning_callback(trial, last_step))
             value = outcome.best[METRIC]
             tracker.log_metrics({"trial_value": value})
         return value
@@ -120,11 +127,14 @@ def _execute(plan, tracker: RunTracker, on_epoch=None):
         raise optuna.TrialPruned(f"diverged: {err}") from err
 
 
-def _pruning_callback(trial: optuna.Trial):
+def _pruning_callback(trial: optuna.Trial, last_step: int):
+    """Report every epoch; never prune after the last one, where stopping saves nothing and
+    would only file a finished trial as pruned."""
+
     def report(record: dict[str, float]) -> None:
         step = int(record["step"])
         trial.report(record[METRIC], step)
-        if trial.should_prune():
+        if step < last_step and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}")
 
     return report

@@ -17,7 +17,7 @@ from training.tracking import RunTracker
 from tuning import plots
 from tuning.config import TuneConfig
 from tuning.space import SearchSpace
-from tuning.study import DEFAULT_STORAGE, mask_url
+from tuning.study import DEFAULT_STORAGE, mask_url, pruner_options
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class TuneSummary:
     best_trial: int | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
     best_config_path: str = ""
+    base_value: float | None = None  # the enqueued base config's value, when it completed
 
 
 def study_params(cfg: TuneConfig, space: SearchSpace) -> dict[str, Any]:
@@ -44,7 +45,8 @@ def study_params(cfg: TuneConfig, space: SearchSpace) -> dict[str, Any]:
         **config_to_dict(cfg),
         "storage": mask_url(cfg.storage),
         "storage_url": mask_url(cfg.storage or DEFAULT_STORAGE),
-        "sampler": f"TPESampler(seed={cfg.sampler_seed})",
+        "sampler": f"TPESampler(seed={cfg.sampler_seed}, n_startup_trials={cfg.n_startup_trials})",
+        "pruner_options": pruner_options(cfg.pruner, cfg.pruner_warmup_steps)[1],
         "search_space_json": space,
         "optuna_version": optuna.__version__,
     }
@@ -60,6 +62,14 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return {state.name: sum(t.state == state for t in trials) for state in TrialState}
 
 
+def base_value(study: optuna.Study) -> float | None:
+    """The value of the study's completed base-config trial (tuning.study enqueues it)."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.user_attrs.get("origin") == "base config":
+            return trial.value
+    return None
+
+
 def log_study_results(
     tracker: RunTracker, study: optuna.Study, cfg: TuneConfig, base: TrainConfig, ran: int
 ) -> TuneSummary:
@@ -70,6 +80,9 @@ def log_study_results(
     tracker.log_metrics(
         {"trials_this_run": ran, **{f"trials_{k.lower()}": v for k, v in states.items()}}
     )
+    summary.base_value = base_value(study)
+    if summary.base_value is not None:  # how much tuning gained over the config as given
+        tracker.log_metrics({"base_value": summary.base_value})
     if states["COMPLETE"] == 0:
         log.warning("study %s has no completed trial yet: no best config", cfg.study_name)
         tracker.set_tags({"best_config": "none (no completed trial)"})
@@ -78,6 +91,8 @@ def log_study_results(
         summary.best_value, summary.best_trial = best.value, best.number
         summary.best_params = dict(best.params)
         tracker.log_metrics({"best_value": best.value})
+        if summary.base_value is not None:
+            tracker.log_metrics({"best_gain_over_base": best.value - summary.base_value})
         tracker.log_params(
             {"best_trial_number": best.number, **{f"best_{k}": v for k, v in best.params.items()}}
         )

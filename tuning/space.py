@@ -80,17 +80,26 @@ def _check_bounds(path: str | Path, name: str, bounds: dict[str, Any]) -> None:
     bounds.update(low=low, high=high)
 
 
+def searched_fields(base: TrainConfig) -> list[str]:
+    """The fields a study over `base` searches: not those that cannot matter (a stage with no
+    epochs, class weights switched off)."""
+    names = ["stage1_lr"] if base.stage1_epochs > 0 else []
+    names += ["stage2_lr"] if base.stage2_epochs > 0 else []
+    names += ["dropout"]
+    names += ["class_weight_strength"] if base.class_weights != "none" else []
+    return names
+
+
 def suggest(trial: optuna.Trial, space: SearchSpace, base: TrainConfig) -> dict[str, float]:
-    """Every suggest_* call of the study. Fields that cannot matter for `base` (a stage with
-    no epochs, class weights switched off) are not searched."""
-    params = {}
-    if base.stage1_epochs > 0:
-        params["stage1_lr"] = trial.suggest_float("stage1_lr", **space["stage1_lr"])
-    if base.stage2_epochs > 0:
-        params["stage2_lr"] = trial.suggest_float("stage2_lr", **space["stage2_lr"])
-    params["dropout"] = trial.suggest_float("dropout", **space["dropout"])
-    if base.class_weights != "none":
-        params["class_weight_strength"] = trial.suggest_float(
-            "class_weight_strength", **space["class_weight_strength"]
-        )
-    return params
+    """Every suggest_* call of the study."""
+    return {name: trial.suggest_float(name, **space[name]) for name in searched_fields(base)}
+
+
+def base_trial(space: SearchSpace, base: TrainConfig) -> dict[str, float] | None:
+    """The base config's own values of the searched fields, evaluated first on a new study so
+    the best found is never worse than where the user started; None when a value lies outside
+    its range (a trial must stay inside the space the sampler models)."""
+    values = {name: float(getattr(base, name)) for name in searched_fields(base)}
+    if all(space[n]["low"] <= v <= space[n]["high"] for n, v in values.items()):
+        return values
+    return None

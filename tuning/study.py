@@ -38,18 +38,25 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
-def create_pruner(spec: str) -> optuna.pruners.BasePruner:
-    """`name` or `name:key=value,...` with the Optuna pruner's own keyword arguments, e.g.
-    `median:n_startup_trials=2,n_warmup_steps=3` or `threshold:lower=0.2`."""
+def pruner_options(spec: str, warmup_steps: int = 0) -> tuple[str, dict[str, Any]]:
+    """The pruner's name and keyword arguments from `name` or `name:key=value,...`, e.g.
+    `median:n_startup_trials=2,n_warmup_steps=3` or `threshold:lower=0.2`; `warmup_steps` is
+    the median pruner's n_warmup_steps unless the spec sets it."""
     name, _, options = spec.partition(":")
     if name not in PRUNERS:
         raise ConfigError(f"parameter 'pruner': one of {tuple(PRUNERS)}, got {spec!r}")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"n_warmup_steps": warmup_steps} if name == "median" else {}
     for item in filter(None, options.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"parameter 'pruner': expected key=value, got {item!r} in {spec!r}")
         kwargs[key.strip()] = yaml.safe_load(value)
+    return name, kwargs
+
+
+def create_pruner(spec: str, warmup_steps: int = 0) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of `spec` (see pruner_options)."""
+    name, kwargs = pruner_options(spec, warmup_steps)
     try:
         with warnings.catch_warnings():  # WilcoxonPruner is "experimental" since Optuna 3.6
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -64,8 +71,10 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
     A plainly seeded sampler restarts its random stream in every process, so two workers
     (or a resumed invocation) would propose the very same first trials."""
 
-    def __init__(self, seed: int) -> None:
-        super().__init__(seed=seed)
+    def __init__(self, seed: int, n_startup_trials: int = 10) -> None:
+        # Optuna 5's TPE is multivariate with constant liar by default: learning rates are
+        # modelled jointly, and parallel workers do not crowd around a running trial.
+        super().__init__(seed=seed, n_startup_trials=n_startup_trials)
         self.seed = seed
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -128,19 +137,24 @@ def _with_installed_driver(url: str) -> str:
 def open_study(
     storage: str,
     study_name: str,
-    sampler_seed: int,
-    pruner: str,
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+    first_trial: dict[str, float] | None = None,
     heartbeat_seconds: int = HEARTBEAT_SECONDS,
 ) -> optuna.Study:
-    """Create the study or continue it (same name and storage), then fail stale trials."""
-    study = optuna.create_study(
-        storage=create_storage(storage, heartbeat_seconds),
-        study_name=study_name,
-        sampler=TrialSeededTPESampler(sampler_seed),
-        pruner=create_pruner(pruner),
-        direction="maximize",
-        load_if_exists=True,
-    )
+    """Create the study or continue it (same name and storage), then fail stale trials.
+
+    `first_trial` is enqueued only by the process that created the study: creation is atomic
+    in every Optuna storage, so workers started together never evaluate it twice."""
+    options = {"study_name": study_name, "sampler": sampler, "pruner": pruner}
+    opened = create_storage(storage, heartbeat_seconds)
+    try:
+        study = optuna.create_study(storage=opened, direction="maximize", **options)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=opened, **options)
+    else:
+        if first_trial:
+            study.enqueue_trial(first_trial, user_attrs={"origin": "base config"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)

@@ -11,8 +11,8 @@ from training.train import load_data
 from tuning.config import TuneConfig
 from tuning.objective import Objective
 from tuning.results import TuneSummary, log_study_results, study_params
-from tuning.space import load_space
-from tuning.study import open_study
+from tuning.space import base_trial, load_space
+from tuning.study import TrialSeededTPESampler, create_pruner, open_study
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,16 @@ def run(cfg: TuneConfig) -> TuneSummary:
     objective = Objective(cfg, space, data)
     objective.preflight()
     configure_tracking()
-    study = open_study(cfg.storage, cfg.study_name, cfg.sampler_seed, cfg.pruner)
+    first_trial = base_trial(space, objective.base) if cfg.enqueue_base else None
+    if cfg.enqueue_base and first_trial is None:
+        log.info("the base config lies outside the search space: a new study starts sampled")
+    study = open_study(
+        cfg.storage,
+        cfg.study_name,
+        TrialSeededTPESampler(cfg.sampler_seed, cfg.n_startup_trials),
+        create_pruner(cfg.pruner, cfg.pruner_warmup_steps),
+        first_trial=first_trial,
+    )
     if cfg.pruner.startswith("wilcoxon") and not cfg.cv:
         log.info("wilcoxon pruner with cv=0: its paired test runs over epochs, not folds")
     run_name = cfg.run_name or f"tune-{cfg.study_name}"
@@ -59,6 +68,9 @@ def report(summary) -> None:
             f"best value {summary.best_value:.4f} (trial {summary.best_trial}): "
             f"{summary.best_params}\nbest config: {summary.best_config_path}"
         )
+        if summary.base_value is not None:
+            gain = summary.best_value - summary.base_value
+            print(f"the base config scored {summary.base_value:.4f}; the best is {gain:+.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
