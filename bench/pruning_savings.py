@@ -1,23 +1,27 @@
-"""Bench: training epochs (and seconds) the median pruner saves over no pruning on the demo digits.
+"""Bench: training epochs and seconds the median pruner saves against the same trials unpruned.
 
-Both arms run the same N trials with the same sampler seed. With N at most TPE's 10 random
-start-up trials, trial n gets the same parameters in both arms (the sampler draws per trial
-number), so the only difference is where the pruner stops a trial.
+The pruned arm is a real study: TPE, the median pruner, the base config enqueued first. The
+unpruned arm re-runs each pruned trial's parameters to the end with no pruner. A completed
+trial ran exactly as it would have without a pruner (the pruner only decides whether to stop),
+so completed trials count as they ran and only pruned ones are re-run. The replay also shows
+what pruning cost: whether a pruned trial would have beaten the study's best.
 
-    .venv/bin/python -m training.demo_data          # data/demo, once
-    .venv/bin/python bench/pruning_savings.py         # full: Lite0 (ImageNet weights), ~15 min
-    .venv/bin/python bench/pruning_savings.py --bench # make bench's size: Lite0, ~2 minutes
-    .venv/bin/python bench/pruning_savings.py --quick # smoke: tiny model, 50 images, seconds
+    .venv/bin/python -m training.demo_data             # data/demo, once
+    .venv/bin/python bench/pruning_savings.py          # the demo study (12 trials), ~15 minutes
+    .venv/bin/python bench/pruning_savings.py --quick  # smoke: tiny model, seconds
+    # an existing study, e.g. one run with `python -m tuning.tune <flags>`: replay its pruned
+    # trials (the same flags rebuild the base config; the study itself is only read)
+    .venv/bin/python bench/pruning_savings.py --study demo-study -- <the tune flags>
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,54 +29,33 @@ from pathlib import Path
 import mlflow
 import optuna
 import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import fresh_sqlite_store  # noqa: E402
+from training.config import parse_cli  # noqa: E402
 from training.demo_data import write_demo_data  # noqa: E402
 from tuning.config import TuneConfig  # noqa: E402
 from tuning.study import create_storage  # noqa: E402
 from tuning.tune import run as tune  # noqa: E402
 
 DEMO = ROOT / "data" / "demo"
-# Training settings per mode; `per_class` picks that many demo images of each digit.
-FULL = {
-    "per_class": 50,  # 500 images: each untouched trial costs about a minute on 2 shared cores
-    "model": "tf_efficientnet_lite0",
-    "pretrained": "lite0-pypi",
-    "image_size": 32,
-    "stage1_epochs": 2,
-    "stage2_epochs": 4,
-    "unfreeze_blocks": 9,
-    "n_trials": 8,
-    # Judge after two epochs; the first three trials only set the bar.
-    "pruner": "median:n_startup_trials=3,n_warmup_steps=1",
-}
-# `make bench`'s size: the same kind of study, small enough for about two minutes.
-BENCH = {
-    "per_class": 20,
-    "model": "tf_efficientnet_lite0",
-    "pretrained": "lite0-pypi",
-    "image_size": 32,
-    "stage1_epochs": 1,
-    "stage2_epochs": 3,
-    "unfreeze_blocks": 9,
-    "n_trials": 6,
-    "pruner": "median:n_startup_trials=2,n_warmup_steps=1",
-}
-# The smoke test's size: checks the plumbing, not the savings.
-QUICK = {
-    "per_class": 5,
-    "model": "test_efficientnet",
-    "pretrained": "none",
-    "image_size": 32,
-    "stage1_epochs": 1,
-    "stage2_epochs": 1,
-    "unfreeze_blocks": 2,
-    "n_trials": 2,
-    "pruner": "median:n_startup_trials=1",
-}
+# The demo study of the README: 12 trials of the demo config (1 + 5 epochs each).
+DEMO_STUDY = [
+    *("--config", "configs/demo.yaml", "--search_space", "configs/demo_space.yaml"),
+    *("--n_trials", "12", "--study_name", "bench-median"),
+]
+# The smoke test's study: a tiny model on 5 demo images per digit; a threshold no F1 reaches
+# prunes every trial at its first epoch, so the replay path always runs.
+QUICK_PER_CLASS = 5
+QUICK_STUDY = [
+    *("--model", "test_efficientnet", "--pretrained", "none"),
+    *("--image_size", "32", "--batch_size", "16", "--unfreeze_blocks", "2"),
+    *("--stage1_epochs", "1", "--stage2_epochs", "1", "--val_fraction", "0.5"),
+    *("--n_trials", "2", "--pruner", "threshold:lower=1.01", "--study_name", "bench-quick"),
+]
 
 
 @contextmanager
@@ -83,9 +66,7 @@ def scratch_workspace() -> Iterator[Path]:
         os.chdir(folder)
         os.environ["MLFLOW_TRACKING_URI"] = fresh_sqlite_store(Path(folder) / "mlflow.db")
         try:
-            # Create both stores now so that neither arm's time includes their set-up.
-            mlflow.MlflowClient().search_experiments()
-            create_storage(f"sqlite:///{Path(folder) / 'optuna.db'}")
+            mlflow.MlflowClient().search_experiments()  # set up now, not inside a trial
             yield Path(folder)
         finally:
             os.chdir(saved_cwd)
@@ -95,85 +76,149 @@ def scratch_workspace() -> Iterator[Path]:
                 os.environ["MLFLOW_TRACKING_URI"] = saved_uri
 
 
+def base_config(argv: list[str]) -> TuneConfig:
+    """The tune flags as a config whose file paths hold from any working directory."""
+    saved = Path.cwd()
+    os.chdir(ROOT)  # relative paths in the flags and in a --config file mean the repo's
+    try:
+        if not (DEMO / "train.csv").is_file():
+            write_demo_data(DEMO)
+        cfg = parse_cli(TuneConfig, argv, "")
+    finally:
+        os.chdir(saved)
+    absolute = {
+        name: str((ROOT / getattr(cfg, name)).resolve())
+        for name in ("data", "search_space")
+        if getattr(cfg, name)
+    }
+    return dataclasses.replace(cfg, config="", **absolute)
+
+
 def demo_manifest(folder: Path, per_class: int) -> Path:
     """The first `per_class` demo training images of each digit, as a manifest of absolute
     paths."""
-    if not (DEMO / "train.csv").is_file():
-        write_demo_data(DEMO)
-    table = pd.read_csv(DEMO / "train.csv", dtype=str)
-    table = table.groupby("label", group_keys=False).head(per_class)
+    table = pd.read_csv(DEMO / "train.csv", dtype=str).groupby("label").head(per_class)
     table["path"] = [str(DEMO / p) for p in table["path"]]
     path = folder / "train.csv"
     table.to_csv(path, index=False)
     return path
 
 
-def run_arm(settings: dict, data: Path, folder: Path, pruner: str) -> dict:
-    name = pruner.partition(":")[0]
-    options = {k: v for k, v in settings.items() if k != "per_class"}
-    cfg = TuneConfig(
-        data=str(data),
-        **{**options, "pruner": pruner},
-        study_name=f"bench-{name}",
-        storage=f"sqlite:///{folder / 'optuna.db'}",
-        sampler_seed=0,
-        experiment_name="bench-pruning",
-        best_config=str(folder / f"best_{name}.yaml"),
+def epochs(trial: FrozenTrial) -> int:
+    return len(trial.intermediate_values)
+
+
+def curve(trial: FrozenTrial) -> list[float]:
+    """The pruned metric after each epoch."""
+    return [round(trial.intermediate_values[step], 3) for step in sorted(trial.intermediate_values)]
+
+
+def seconds(trial: FrozenTrial) -> float:
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
+def replay_unpruned(cfg: TuneConfig, pruned: list[FrozenTrial], folder: Path) -> list[FrozenTrial]:
+    """Each pruned trial's parameters, in order, trained to the end with no pruner."""
+    storage = f"sqlite:///{folder / 'replay.db'}"
+    name = f"{cfg.study_name}-unpruned"
+    study = optuna.create_study(storage=create_storage(storage), study_name=name)
+    for trial in pruned:
+        study.enqueue_trial(trial.params)
+    replay = dataclasses.replace(
+        cfg,
+        study_name=name,
+        storage=storage,
+        pruner="none",
+        enqueue_base=False,
+        n_trials=len(pruned),
+        experiment_name="bench-pruning-replay",
+        best_config=str(folder / "best_replay.yaml"),
+        run_name="",
     )
-    start = time.perf_counter()
-    summary = tune(cfg)
-    seconds = time.perf_counter() - start
-    study = optuna.load_study(study_name=cfg.study_name, storage=create_storage(cfg.storage))
+    tune(replay)
+    return optuna.load_study(study_name=name, storage=create_storage(storage)).trials
+
+
+def compare(cfg: TuneConfig, study: optuna.Study, folder: Path) -> dict:
+    """Epochs, seconds and best value of the study against the same trials unpruned."""
+    trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    replayed = replay_unpruned(cfg, pruned, folder) if pruned else []
+    if [t.params for t in replayed] != [t.params for t in pruned]:
+        raise RuntimeError("the replay did not run the pruned trials' parameters")
+    unpruned = complete + replayed
+    best = max((t.value for t in complete), default=None)
+    best_unpruned = max((t.value for t in unpruned if t.value is not None), default=None)
+    epochs_median, epochs_none = sum(map(epochs, trials)), sum(map(epochs, unpruned))
+    seconds_median, seconds_none = sum(map(seconds, trials)), sum(map(seconds, unpruned))
     return {
-        "epochs": sum(len(t.intermediate_values) for t in study.trials),
-        "seconds": round(seconds, 1),
-        "pruned": summary.states["PRUNED"],
-        "best_value": summary.best_value,
-        "params": [t.params for t in study.trials],
-        # Per trial, the monitored value after each epoch: shows why a trial was (not) pruned.
-        "curves": [
-            [round(t.intermediate_values[step], 3) for step in sorted(t.intermediate_values)]
-            for t in study.trials
+        "study": study.study_name,
+        "model": cfg.model,
+        "trials": len(trials),
+        "epochs_per_trial": cfg.stage1_epochs + cfg.stage2_epochs,
+        "pruner": cfg.pruner,
+        "trials_pruned": len(pruned),
+        "epochs_median": epochs_median,
+        "epochs_none": epochs_none,
+        "epoch_saving": round(1 - epochs_median / epochs_none, 3),
+        "seconds_median": round(seconds_median, 1),
+        "seconds_none": round(seconds_none, 1),
+        "time_saving": round(1 - seconds_median / seconds_none, 3),
+        "best_value_median": best,
+        "best_value_none": best_unpruned,
+        "curves_complete": {t.number: curve(t) for t in complete},
+        # Per pruned trial: where it stopped, its score then, and where it would have ended.
+        "pruned_trials": [
+            {
+                "number": t.number,
+                "stopped_after_epochs": epochs(t),
+                "value_when_pruned": round(t.intermediate_values[max(t.intermediate_values)], 4),
+                "value_unpruned": None if r.value is None else round(r.value, 4),
+                "curve": curve(t),
+                "curve_unpruned": curve(r),
+            }
+            for t, r in zip(pruned, replayed, strict=True)
         ],
     }
 
 
-def run(quick: bool = False, settings: dict | None = None) -> dict:
-    """Both arms, same trials; returns epochs, seconds and the savings of pruning.
-    `settings` (e.g. BENCH) overrides the QUICK / FULL choice."""
-    settings = settings or (QUICK if quick else FULL)
+def run(quick: bool = False, study_argv: list[str] | None = None) -> dict:
+    """Run the demo (or smoke) study with the median pruner, then replay its pruned trials."""
+    cfg = base_config(study_argv or (QUICK_STUDY if quick else DEMO_STUDY))
     with scratch_workspace() as folder:
-        data = demo_manifest(folder, settings["per_class"])
-        pruned = run_arm(settings, data, folder, settings["pruner"])
-        full = run_arm(settings, data, folder, "none")
-    return {
-        "mode": "quick" if settings is QUICK else "bench" if settings is BENCH else "full",
-        "model": settings["model"],
-        "images": settings["per_class"] * 10,
-        "trials": settings["n_trials"],
-        "epochs_per_trial": settings["stage1_epochs"] + settings["stage2_epochs"],
-        "pruner": settings["pruner"],
-        "same_params": pruned.pop("params") == full.pop("params"),
-        "epochs_median": pruned["epochs"],
-        "epochs_none": full["epochs"],
-        "epoch_saving": round(1 - pruned["epochs"] / full["epochs"], 3),
-        "seconds_median": pruned["seconds"],
-        "seconds_none": full["seconds"],
-        "time_saving": round(1 - pruned["seconds"] / full["seconds"], 3),
-        "trials_pruned": pruned["pruned"],
-        "best_value_median": pruned["best_value"],
-        "best_value_none": full["best_value"],
-        "curves_median": pruned["curves"],
-        "curves_none": full["curves"],
-    }
+        cfg = dataclasses.replace(
+            cfg,
+            data=str(demo_manifest(folder, QUICK_PER_CLASS)) if quick else cfg.data,
+            storage=f"sqlite:///{folder / 'optuna.db'}",
+            experiment_name="bench-pruning",
+            best_config=str(folder / "best.yaml"),
+        )
+        tune(cfg)
+        study = optuna.load_study(study_name=cfg.study_name, storage=create_storage(cfg.storage))
+        return {"mode": "quick" if quick else "demo study", **compare(cfg, study, folder)}
+
+
+def replay_study(study_name: str, study_argv: list[str]) -> dict:
+    """An existing study (its storage from the flags, '' = mlruns/optuna.db) replayed."""
+    cfg = base_config([*study_argv, "--study_name", study_name])
+    storage = cfg.storage or f"sqlite:///{ROOT / 'mlruns' / 'optuna.db'}"
+    study = optuna.load_study(study_name=study_name, storage=create_storage(storage))
+    with scratch_workspace() as folder:
+        return {"mode": f"replay of {study_name}", **compare(cfg, study, folder)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-    parser.add_argument("--bench", action="store_true", help="make bench's size")
+    parser.add_argument("--study", default="", help="replay this existing study's pruned trials")
+    parser.add_argument("tune_flags", nargs="*", help="after --: the study's tune flags")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.quick, BENCH if args.bench else None), indent=2))
+    if args.study:
+        result = replay_study(args.study, args.tune_flags)
+    else:
+        result = run(args.quick, args.tune_flags or None)
+    print(json.dumps(result, indent=2))
     return 0
 
 
