@@ -21,12 +21,8 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import mlflow
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
@@ -34,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import fresh_sqlite_store  # noqa: E402
+from bench.common import scratch_store  # noqa: E402
 from training.config import parse_cli  # noqa: E402
 from training.demo_data import write_demo_data  # noqa: E402
 from tuning.config import TuneConfig  # noqa: E402
@@ -56,24 +52,6 @@ QUICK_STUDY = [
     *("--stage1_epochs", "1", "--stage2_epochs", "1", "--val_fraction", "0.5"),
     *("--n_trials", "2", "--pruner", "threshold:lower=1.01", "--study_name", "bench-quick"),
 ]
-
-
-@contextmanager
-def scratch_workspace() -> Iterator[Path]:
-    """A temporary cwd with its own MLflow store, so the bench leaves ./mlruns alone."""
-    saved_cwd, saved_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    with tempfile.TemporaryDirectory(prefix="bench-pruning-") as folder:
-        os.chdir(folder)
-        os.environ["MLFLOW_TRACKING_URI"] = fresh_sqlite_store(Path(folder) / "mlflow.db")
-        try:
-            mlflow.MlflowClient().search_experiments()  # set up now, not inside a trial
-            yield Path(folder)
-        finally:
-            os.chdir(saved_cwd)
-            if saved_uri is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved_uri
 
 
 def base_config(argv: list[str]) -> TuneConfig:
@@ -186,7 +164,7 @@ def compare(cfg: TuneConfig, study: optuna.Study, folder: Path) -> dict:
 def run(quick: bool = False, study_argv: list[str] | None = None) -> dict:
     """Run the demo (or smoke) study with the median pruner, then replay its pruned trials."""
     cfg = base_config(study_argv or (QUICK_STUDY if quick else DEMO_STUDY))
-    with scratch_workspace() as folder:
+    with scratch_store() as folder:
         cfg = dataclasses.replace(
             cfg,
             data=str(demo_manifest(folder, QUICK_PER_CLASS)) if quick else cfg.data,
@@ -204,7 +182,7 @@ def replay_study(study_name: str, study_argv: list[str]) -> dict:
     cfg = base_config([*study_argv, "--study_name", study_name])
     storage = cfg.storage or f"sqlite:///{ROOT / 'mlruns' / 'optuna.db'}"
     study = optuna.load_study(study_name=study_name, storage=create_storage(storage))
-    with scratch_workspace() as folder:
+    with scratch_store() as folder:
         return {"mode": f"replay of {study_name}", **compare(cfg, study, folder)}
 
 
