@@ -2,7 +2,6 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-export MLFLOW_TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 DEMO_EXPERIMENT ?= demo
 
 .PHONY: install demo test lint bench ui clean
@@ -40,7 +39,7 @@ bench: install
 	$(PYTHON) -m bench.run_all
 
 ui: install
-	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) -h 127.0.0.1 -p 5000
+	mlflow ui -h 127.0.0.1 -p 5000  # MLflow's default store: ./mlflow.db, artifacts in ./mlruns
 
 clean:
-	rm -rf data/demo mlruns/*.db mlruns/[0-9]*
+	rm -rf data/demo mlflow.db mlruns/*.db mlruns/[0-9]* mlruns/*.yaml outputs

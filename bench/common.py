@@ -40,7 +40,6 @@ def scratch_store(uri: str | None = None) -> Iterator[Path]:
     ./mlruns, so both are redirected and ./mlruns of the project is never touched.
     """
     saved_cwd, saved_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    saved_fluent_uri = mlflow.get_tracking_uri()
     with tempfile.TemporaryDirectory(prefix="bench-") as folder:
         os.chdir(folder)
         os.environ["MLFLOW_TRACKING_URI"] = uri or fresh_sqlite_store(Path(folder) / "mlflow.db")
@@ -52,11 +51,9 @@ def scratch_store(uri: str | None = None) -> Iterator[Path]:
             while mlflow.active_run() is not None:
                 mlflow.end_run()
             os.chdir(saved_cwd)
-            if saved_uri is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved_uri
-            mlflow.set_tracking_uri(saved_fluent_uri)
+            # set_tracking_uri(None) also clears the variable: MLflow's own default applies
+            # again, as before, instead of a URI pinned for the rest of the process.
+            mlflow.set_tracking_uri(saved_uri)
 
 
 def write_digits(root: Path, count: int, classes: int = 10) -> Path:

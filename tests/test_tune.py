@@ -395,18 +395,6 @@ def test_tune_config_inherits_train_validation():
     assert isinstance(cfg, TrainConfig) and cfg.n_trials == 12
 
 
-def test_mlproject_tune_parameters_mirror_the_dataclass():
-    entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["tune"]
-    fields = {f.name: f.default for f in dataclasses.fields(TuneConfig)}
-    assert {f.name for f in dataclasses.fields(TrainConfig)} < set(fields)
-    assert set(entry["parameters"]) == set(fields)
-    assert entry["command"].startswith("python -m tuning.tune ")
-    for name, default in fields.items():
-        declared = entry["parameters"][name]["default"]
-        assert str(declared).lower() == str(default).lower(), name
-        assert f"--{name} {{{name}}}" in entry["command"], name
-
-
 def test_a_new_study_starts_from_the_base_config_enqueued_once(tmp_path):
     base = TrainConfig(model="test_resnet", pretrained="none", stage1_lr=0.002, dropout=0.25)
     first = base_trial(load_space(), base)

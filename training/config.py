@@ -151,18 +151,31 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+NOT_GIVEN = object()  # an empty command-line value: the flag counts as not given
+
+
+def _flag_parser(kind: type):
+    """The argparse type of a field; '' (what `mlflow run` passes for an MLproject parameter
+    the user did not set) parses to NOT_GIVEN."""
+    parse = _parse_bool if kind is bool else kind
+
+    def parse_flag(text: str) -> Any:
+        return NOT_GIVEN if str(text).strip() == "" else parse(text)
+
+    parse_flag.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse_flag
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field, spelled with '_' (as in MLproject) or '-'; no defaults so we see
-    which flags were given."""
+    """One flag per field, spelled with '_' (as in MLproject) or '-'; no defaults, so only
+    the flags actually given reach the config."""
     hints = get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        kind = hints[field.name]
-        parse = _parse_bool if kind is bool else kind
         flags = {f"--{field.name}", f"--{field.name.replace('_', '-')}"}
         parser.add_argument(
             *sorted(flags),
             dest=field.name,
-            type=parse,
+            type=_flag_parser(hints[field.name]),
             default=argparse.SUPPRESS,
             help=f"default: {field.default!r}",
         )
@@ -185,15 +198,13 @@ def load_yaml_values(path: str | Path, cls: type) -> dict[str, Any]:
 
 
 def resolve_config(cls: type[C], given: dict[str, Any]) -> C:
-    """Defaults < YAML from `config` < explicit values.
+    """Defaults < YAML from `config` < every value given explicitly.
 
-    A value equal to its default counts as not given, because `mlflow run` passes every
-    MLproject parameter with its default and those must not override the YAML file.
-    """
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    explicit = {k: v for k, v in given.items() if v != defaults.get(k)}
+    A flag given with an empty value counts as not given: MLproject declares every parameter
+    with the default '' so that `mlflow run` passes only what the user set."""
+    explicit = {k: v for k, v in given.items() if v is not NOT_GIVEN}
     values: dict[str, Any] = {}
-    config_path = given.get("config") or ""
+    config_path = explicit.get("config") or ""
     if config_path:
         values.update(load_yaml_values(config_path, cls))
     values.update(explicit)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,8 @@ import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from training.cli import run_entry_point
 
 
 def write_demo_data(root: str | Path, test_fraction: float = 0.15, seed: int = 0) -> Path:
@@ -45,14 +47,24 @@ def write_demo_data(root: str | Path, test_fraction: float = 0.15, seed: int = 0
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output", "--output-dir", dest="output", default="data/demo")
-    args = parser.parse_args(argv)
-    root = write_demo_data(args.output)
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """Where to write the demo digits."""
+
+    output: str = "data/demo"  # folder for train/, test/ and the CSV manifests
+
+
+def run(cfg: DemoDataConfig) -> Path:
+    return write_demo_data(cfg.output)
+
+
+def report(root: Path) -> None:
     counts = pd.read_csv(root / "manifest.csv")["split"].value_counts().to_dict()
     print(f"demo data in {root}: {counts} (train/ for training, test/ held out)")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry_point(DemoDataConfig, argv, __doc__, run, report)
 
 
 if __name__ == "__main__":

@@ -21,18 +21,15 @@ from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
-LOCAL_STORE = Path("mlruns")
 MAX_PARAM_LENGTH = 6000
 
 
 def configure_tracking() -> str:
-    """Use MLFLOW_TRACKING_URI unchanged when set; else a SQLite store under ./mlruns."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        LOCAL_STORE.mkdir(exist_ok=True)
-        uri = f"sqlite:///{(LOCAL_STORE / 'mlflow.db').resolve()}"
-    mlflow.set_tracking_uri(uri)
-    return uri
+    """MLFLOW_TRACKING_URI when set; else MLflow's own default store, `sqlite:///mlflow.db` in
+    the current folder with artifacts under ./mlruns: the store `mlflow ui`, `mlflow run` and
+    `mlflow models serve` use with no set-up, so every command sees the same runs."""
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or None)  # None = default
+    return mlflow.get_tracking_uri()
 
 
 def experiment_id_for(name: str) -> str:
