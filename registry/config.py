@@ -44,7 +44,7 @@ class PromoteConfig:
     """Register the top-k fold models of a k-fold run and their ensemble; point an alias at it."""
 
     kfold_run_id: str = ""  # k-fold parent run; empty = latest FINISHED job=kfold run
-    experiment_name: str = "image-classifier"  # where to look for the k-fold run
+    experiment_name: str = ""  # where to look for the k-fold run; '' = as for train
     top_k: int = 3  # fold models in the ensemble
     metric: str = "best_val_f1_macro"  # fold-run metric that ranks the folds
     direction: str = "auto"  # max | min | auto (min when the metric name contains 'loss')
@@ -63,12 +63,6 @@ class PromoteConfig:
         _check_alias(self.alias)
         _require(self.method in METHODS, "method", self.method, f"one of {METHODS}")
         _require(1 <= self.tta <= MAX_VIEWS, "tta", self.tta, f"an integer in 1..{MAX_VIEWS}")
-        _require(
-            bool(self.kfold_run_id or self.experiment_name),
-            "experiment_name",
-            self.experiment_name,
-            "a name (or give kfold_run_id)",
-        )
 
     @property
     def members_model_name(self) -> str:
@@ -90,7 +84,7 @@ class PredictConfig:
     batch_size: int = 32  # images per model call
     path_column: str = "path"  # CSV input: image path column
     label_column: str = "label"  # CSV input: true label column, if present
-    experiment_name: str = "image-classifier"  # where the labelled predict run is logged
+    experiment_name: str = ""  # where the labelled predict run is logged; '' = as for train
     run_name: str = ""
     config: str = ""  # YAML file of parameter values (explicit flags win)
 
@@ -105,7 +99,6 @@ class PredictConfig:
         _require(0 <= self.tta <= MAX_VIEWS, "tta", self.tta, f"an integer in 0..{MAX_VIEWS}")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _require(bool(self.path_column), "path_column", self.path_column, "a column name")
-        _require(bool(self.experiment_name), "experiment_name", self.experiment_name, "a name")
 
     @property
     def resolved_model_uri(self) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 from mlflow.entities import Run
@@ -11,7 +10,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from registry.errors import PromoteError
-from training.tracking import child_runs, configure_tracking, find_runs
+from training.tracking import child_runs, configure_tracking, find_runs, resolve_experiment_name
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +52,8 @@ def find_kfold_parent(kfold_run_id: str, experiment_name: str) -> Run:
                 "k-fold run %s is %s; using its finished folds", run.info.run_id, run.info.status
             )
         return run
+    experiment_name = resolve_experiment_name(experiment_name)
     experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):  # under `mlflow run`
-        experiment = client.get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"])
     if experiment is None:
         raise PromoteError(f"parameter 'experiment_name': no experiment {experiment_name!r}")
     runs = find_runs(

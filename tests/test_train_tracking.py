@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import all_runs
+from conftest import TINY, all_runs
 
 from training import train
 from training.checkpoints import load_checkpoint
@@ -25,7 +27,8 @@ from training.transforms import eval_transform
 def finished_run(tmp_path_factory, digits_dir):
     """One tiny run on its own store, shared by the assertions below."""
     folder = tmp_path_factory.mktemp("run")
-    (digits_dir / "2" / "corrupt.png").write_bytes(b"\x89PNG broken")
+    data = shutil.copytree(digits_dir, folder / "digits")  # the session's copy stays as it is
+    (data / "2" / "corrupt.png").write_bytes(b"\x89PNG broken")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -35,7 +38,7 @@ def finished_run(tmp_path_factory, digits_dir):
 
         from training.config import TrainConfig
 
-        cfg = TrainConfig(data=str(digits_dir), **TINY)
+        cfg = TrainConfig(data=str(data), **TINY)
         outcome = train.run(cfg, progress=False)
         run = mlflow.get_run(outcome.run_id)
         client = mlflow.MlflowClient()
@@ -56,7 +59,6 @@ def finished_run(tmp_path_factory, digits_dir):
             "history": history,
             "model": model,
         }
-    (digits_dir / "2" / "corrupt.png").unlink()
 
 
 def test_run_finished_with_every_param(finished_run):
@@ -122,22 +124,27 @@ def test_dataset_is_a_run_input_with_digest(finished_run):
     assert any(t.key == "content_digest" for t in inputs[0].tags)
 
 
-def test_logged_model_reloads_and_predicts_like_the_checkpoint(finished_run, digits_dir):
+def test_logged_model_reloads_and_predicts_like_the_checkpoint(finished_run):
     model = finished_run["model"]
     assert not model.training
-    local = finished_run["local"]
-    reloaded = load_checkpoint(f"{local}/checkpoints/best_stage2.pt")
     info = mlflow.models.get_model_info(finished_run["outcome"].model_uri)
     meta = info.metadata
     assert meta["class_names"] == ["0", "1", "2", "3"] and meta["image_size"] == 32
     assert info.signature is not None
+    # The best epoch's stage checkpoint holds the very weights of the logged model.
+    reloaded = load_checkpoint(f"{finished_run['local']}/checkpoints/best_stage{meta['stage']}.pt")
     images = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         logged = model(torch.from_numpy(images)).numpy()
-        pyfunc = mlflow.pyfunc.load_model(finished_run["outcome"].model_uri).predict(images)
+        from_checkpoint = reloaded(torch.from_numpy(images)).numpy()
+    pyfunc = mlflow.pyfunc.load_model(finished_run["outcome"].model_uri).predict(images)
     assert np.allclose(logged, np.asarray(pyfunc), atol=1e-5)
-    with torch.no_grad():
-        assert reloaded(torch.from_numpy(images)).shape == (3, 4)
+    assert np.allclose(logged, from_checkpoint, atol=1e-5)
+    other_stage = load_checkpoint(
+        f"{finished_run['local']}/checkpoints/best_stage{3 - meta['stage']}.pt"
+    )
+    with torch.no_grad():  # and the check can fail: the other stage's weights differ
+        assert not np.allclose(logged, other_stage(torch.from_numpy(images)).numpy(), atol=1e-3)
 
 
 def test_val_predictions_match_the_logged_model(finished_run, digits_dir):
@@ -180,22 +187,40 @@ def test_an_interrupted_run_ends_killed(tracking):
     assert all_runs()["status"].tolist() == ["KILLED"]
 
 
-def test_mlflow_run_launcher_is_adopted_or_nested_when_a_config_changed_values(
-    tracking, monkeypatch
-):
+def test_the_mlflow_run_launcher_is_nested_under_the_jobs_own_run(tracking, monkeypatch):
+    """`mlflow run` logs every MLproject parameter as typed ('' = not given) on the run it
+    makes; the job's resolved values go on the job's own top run, the launcher under it."""
     client = mlflow.MlflowClient()
     experiment = client.create_experiment("tests")
-    launcher = client.create_run(experiment).info.run_id
-    client.log_param(launcher, "model", "efficientnet_b0")  # as `mlflow run` logs MLproject
-    client.log_param(launcher, "group_column", "''")
-    monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
-    with RunTracker("tests", params={"model": "efficientnet_b0", "group_column": ""}) as run:
-        assert run.run_id == launcher  # same values: the launcher run is the job's run
-    second = client.create_run(experiment).info.run_id
-    client.log_param(second, "model", "efficientnet_b0")
-    monkeypatch.setenv("MLFLOW_RUN_ID", second)
-    with RunTracker("tests", params={"model": "tf_efficientnet_lite0"}) as run:
-        assert run.run_id != second
-    nested = mlflow.get_run(run.run_id)
-    assert nested.data.tags["mlflow.parentRunId"] == second
-    assert nested.data.params["model"] == "tf_efficientnet_lite0"
+    launcher = client.create_run(experiment, tags={"mlflow.project.entryPoint": "train"})
+    launcher_id = launcher.info.run_id
+    client.log_param(launcher_id, "model", "''")
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
+    with RunTracker("", params={"model": "tf_efficientnet_lite0"}) as job:
+        assert job.run_id != launcher_id
+        with RunTracker("", "fold-0", parent_run_id=job.run_id) as child:
+            pass
+    job_run, moved = mlflow.get_run(job.run_id), mlflow.get_run(launcher_id)
+    assert "mlflow.parentRunId" not in job_run.data.tags  # the job's run is at the top
+    assert job_run.data.params["model"] == "tf_efficientnet_lite0"
+    assert moved.data.tags["mlflow.parentRunId"] == job.run_id
+    assert moved.data.tags["mlflow.runName"] == "mlflow run -e train"
+    assert "command line as typed" in moved.data.tags["mlflow.note.content"]
+    assert mlflow.get_run(child.run_id).data.tags["mlflow.parentRunId"] == job.run_id
+    assert "MLFLOW_RUN_ID" not in os.environ  # no later run can mistake itself for it
+
+
+def test_experiment_name_naming_another_experiment_than_mlflow_runs_is_refused(
+    tracking, monkeypatch, tiny_config, capsys
+):
+    experiment = mlflow.MlflowClient().create_experiment("launched-here")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
+    argv = [f"--{k}={v}" for k, v in TINY.items() if k != "experiment_name"]
+    argv += ["--data", tiny_config.data, "--experiment_name", "elsewhere"]
+    assert train.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "parameter 'experiment_name': 'elsewhere'" in error
+    assert "mlflow run --experiment-name elsewhere" in error
+    assert mlflow.search_runs(experiment_ids=[experiment]).empty
+    assert mlflow.get_experiment_by_name("elsewhere") is None

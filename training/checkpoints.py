@@ -8,7 +8,7 @@ from typing import Any
 import timm
 import torch
 
-from training.model import Classifier
+from training.model import Classifier, load_tensors_only
 
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
@@ -20,10 +20,10 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> Classifier:
     """Rebuild the classifier from a checkpoint file, in eval mode:
     `model = training.checkpoints.load_checkpoint("best.pt")`."""
-    saved = torch.load(path, map_location=device, weights_only=False)
+    saved = load_tensors_only(path, "checkpoint")
     backbone = timm.create_model(saved["model_name"], pretrained=False, num_classes=0)
     model = Classifier(backbone, len(saved["class_names"]), saved.get("dropout", 0.0))
     model.load_state_dict(saved["state_dict"])
     model.class_names = saved["class_names"]
     model.preprocessing = {k: saved[k] for k in ("image_size", "mean", "std", "face_crop")}
-    return model.eval()
+    return model.to(device).eval()

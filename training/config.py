@@ -58,8 +58,8 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0  # DataLoader workers
-    experiment_name: str = "image-classifier"
-    run_name: str = ""
+    experiment_name: str = ""  # '' = `mlflow run --experiment-name`'s, else image-classifier
+    run_name: str = ""  # '' = a name made from the job (e.g. "train digits efficientnet_b0")
     config: str = ""  # YAML file of parameter values (explicit flags win)
 
     def __post_init__(self) -> None:
@@ -68,6 +68,15 @@ class TrainConfig:
     @property
     def monitor_mode(self) -> str:
         return MONITORS[self.monitor]
+
+    @property
+    def effective_class_weights(self) -> str:
+        """`class_weights` as applied: with balanced sampling the batches are already
+        class-balanced, so `auto` (inverse frequency) would correct the imbalance twice and
+        means no weights; an explicit list is applied as given (costs on top of balance)."""
+        if self.balanced_sampling and self.class_weights == "auto":
+            return "none"
+        return self.class_weights
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -121,7 +130,6 @@ def validate_train_fields(cfg: TrainConfig) -> None:
     _require(cfg.augment in AUGMENTS, "augment", cfg.augment, f"one of {AUGMENTS}")
     _require(cfg.device in DEVICES, "device", cfg.device, f"one of {DEVICES}")
     _require(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "an integer >= 0")
-    _require(bool(cfg.experiment_name), "experiment_name", cfg.experiment_name, "a name")
 
 
 def parse_class_weights(text: str) -> str | list[float]:

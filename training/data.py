@@ -56,12 +56,36 @@ def discover(
     """List (path, label, group) rows from a class-folder tree or a CSV manifest."""
     source = Path(source)
     if source.is_dir():
+        _refuse_columns_for_folder(source, path_column, label_column, group_column)
         return _discover_folder(source)
     if source.is_file() and source.suffix.lower() == ".csv":
         return _discover_csv(source, path_column, label_column, group_column)
     if source.exists():
         raise DataError(f"data '{source}' is neither a folder of class sub-folders nor a .csv")
     raise DataError(f"data '{source}' does not exist")
+
+
+def _refuse_columns_for_folder(
+    root: Path, path_column: str, label_column: str, group_column: str
+) -> None:
+    """Column parameters mean nothing for a class-folder tree: refuse them rather than run a
+    job that silently ignores them (an ungrouped split the user believes grouped)."""
+    given = {
+        name: value
+        for name, value, default in (
+            ("group_column", group_column, ""),
+            ("label_column", label_column, "label"),
+            ("path_column", path_column, "path"),
+        )
+        if value != default
+    }
+    if given:
+        name, value = next(iter(given.items()))
+        raise DataError(
+            f"parameter '{name}'={value!r} applies to a CSV manifest, but data '{root}' is a "
+            "folder of class sub-folders (the class is the sub-folder name; there are no "
+            "columns and no groups). Write a CSV with path, label and group columns to use it."
+        )
 
 
 def _discover_folder(root: Path) -> pd.DataFrame:

@@ -70,6 +70,11 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
+def _check_finite(loss: float, name: str, stage: Stage, epoch: int) -> None:
+    if not math.isfinite(loss):
+        raise DivergedError(f"{stage.name} epoch {epoch + 1}: {name} loss {loss}")
+
+
 def _scheduler(optimizer, cfg: TrainConfig, epochs: int):
     if cfg.scheduler == "none":
         return None
@@ -106,10 +111,12 @@ def fit(
     model.to(device).to(memory_format=torch.channels_last)
     loss_fn.to(device)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    step = 0
     for stage_number, stage in enumerate(stages, start=1):
         if stage.epochs == 0:
             continue
+        # Epoch e of a stage is always step (epochs planned before it) + e, however early the
+        # stages before it stopped: trials and folds compare like with like at every step.
+        first_step = sum(earlier.epochs for earlier in stages[: stage_number - 1])
         trainable = set_trainable(model, stage.unfreeze_blocks)
         log.info("%s: %d trainable parameters, lr %g", stage.name, trainable, stage.lr)
         optimizer = create_optimizer_v2(
@@ -133,17 +140,15 @@ def fit(
                 if "overflow" not in str(err):
                     raise
                 raise DivergedError(f"{stage.name} epoch {epoch + 1}: {err}") from err
-            if not math.isfinite(train["loss"]):
-                raise DivergedError(
-                    f"{stage.name} epoch {epoch + 1}: training loss {train['loss']}"
-                )
+            _check_finite(train["loss"], "training", stage, epoch)
             probs, targets = predict_probs(model, val_loader, device, "validate", progress)
             val = classification_metrics(targets, probs)
             val["loss"] = mean_loss(probs, targets, loss_fn)
+            _check_finite(val["loss"], "validation", stage, epoch)  # whatever `monitor` is
             record = {
                 "stage": stage_number,
                 "epoch": epoch + 1,
-                "step": step,
+                "step": first_step + epoch,
                 "lr": optimizer.param_groups[0]["lr"],
                 "train_loss": train["loss"],
                 "train_accuracy": train["accuracy"],
@@ -164,7 +169,6 @@ def fit(
                 stale += 1
             if on_epoch is not None:
                 on_epoch(record)
-            step += 1
             if scheduler is not None:
                 scheduler.step(epoch + 1, value)
             if stale >= cfg.patience:

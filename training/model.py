@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def load_weights_file(backbone: nn.Module, path: Path) -> str:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_tensors_only(path, "pretrained")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -128,6 +129,20 @@ def load_weights_file(backbone: nn.Module, path: Path) -> str:
     backbone.load_state_dict(usable, strict=True)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return f"file:{path} (sha256 {digest})"
+
+
+def load_tensors_only(path: str | Path, parameter: str) -> object:
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary
+    pickled objects (a weights file from elsewhere could run code when unpickled)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(
+            f"parameter '{parameter}': {path} holds pickled Python objects besides tensors, "
+            "which are not loaded (unpickling can run code). Re-save only the weights, e.g. "
+            "torch.save(model.state_dict(), 'weights.pth'), or use a .safetensors file. "
+            f"({str(err).splitlines()[0]})"
+        ) from None
 
 
 def _strip_prefix(name: str) -> str:
@@ -164,10 +179,17 @@ def backbone_is_frozen(model: Classifier) -> bool:
 
 
 def train_mode(model: Classifier) -> None:
-    """model.train(), but modules whose own parameters are all frozen stay in eval mode, so
-    frozen BatchNorm running statistics do not drift."""
+    """model.train(), except that parts with parameters, all frozen, stay in eval mode (their
+    BatchNorm statistics must not drift); parameterless modules (dropout, activations)
+    follow their parent. Set per module, never with a recursive .eval(): a ViT's root owns
+    cls_token / pos_embed, which stay frozen while its later blocks train."""
     model.train()
-    for module in model.backbone.modules():
-        own = list(module.parameters(recurse=False))
-        if own and not any(p.requires_grad for p in own):
-            module.eval()
+    _set_frozen_eval(model.backbone, parent_in_eval=False)
+
+
+def _set_frozen_eval(module: nn.Module, parent_in_eval: bool) -> None:
+    params = list(module.parameters())
+    in_eval = not any(p.requires_grad for p in params) if params else parent_in_eval
+    module.training = not in_eval
+    for child in module.children():
+        _set_frozen_eval(child, in_eval)

@@ -60,7 +60,7 @@ def plan_training(cfg: TrainConfig, data: LabelledImages, val_mask: np.ndarray) 
     seed_everything(cfg.seed)
     train_labels = data.labels[~val_mask]
     weights = resolve_class_weights(
-        cfg.class_weights, train_labels, len(data.class_names), cfg.class_weight_strength
+        cfg.effective_class_weights, train_labels, len(data.class_names), cfg.class_weight_strength
     )
     model, info = create_classifier(cfg.model, len(data.class_names), cfg.dropout, cfg.pretrained)
     return TrainingPlan(cfg, data, val_mask, weights, model, info)
@@ -76,6 +76,12 @@ class TrainOutcome:
     val_indices: np.ndarray
     val_probs: np.ndarray
     model_uri: str
+
+
+def _no_weights_reason(cfg: TrainConfig) -> str:
+    if cfg.class_weights != cfg.effective_class_weights:
+        return "none (balanced_sampling=true already balances the classes)"
+    return "none"
 
 
 def split_table(data: LabelledImages, val_mask: np.ndarray) -> pd.DataFrame:
@@ -127,13 +133,14 @@ def execute(
             **config_to_dict(cfg),
             "num_classes": len(data.class_names),
             "class_names": data.class_names,
-            "class_weights_resolved": plan.class_weights or "none",
+            "class_weights_resolved": plan.class_weights or _no_weights_reason(cfg),
             "weights_source": plan.model_info.weights_source,
             "train_images": int((~plan.val_mask).sum()),
             "val_images": int(plan.val_mask.sum()),
             "skipped_images": len(data.skipped),
             "data_digest": data.digest,
             "device_used": device.type,
+            "torch_threads": torch.get_num_threads(),
         }
     )
     tracker.set_tags({"job": "train", "weights_source": plan.model_info.weights_source})
@@ -231,6 +238,7 @@ def log_results(
         input_example=example,
         metadata={**meta, **{k: round(v, 6) for k, v in result.best_epoch.items()}},
         pip_requirements=pip_requirements(),
+        step=int(result.best_epoch["step"]),
         code_paths=[str(Path(training.__file__).parent)],
     )
     tracker.set_tags({"model_uri": model_uri})  # lets registry find the model without search

@@ -19,25 +19,54 @@ from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from training.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
+
+
+DEFAULT_EXPERIMENT = "image-classifier"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
+
+# The run `mlflow run` created for this process (MLFLOW_RUN_ID), taken out of the environment
+# before any run starts: MLflow would otherwise make every new run *be* that run.
+_launcher_run_id: str | None = None
 
 
 def configure_tracking() -> str:
     """MLFLOW_TRACKING_URI when set; else MLflow's own default store, `sqlite:///mlflow.db` in
     the current folder with artifacts under ./mlruns: the store `mlflow ui`, `mlflow run` and
     `mlflow models serve` use with no set-up, so every command sees the same runs."""
+    global _launcher_run_id
+    _launcher_run_id = os.environ.pop("MLFLOW_RUN_ID", None) or _launcher_run_id
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or None)  # None = default
     return mlflow.get_tracking_uri()
 
 
-def experiment_id_for(name: str) -> str:
-    """The experiment `mlflow run` chose, else the named one (created if missing; with the
-    default store its artifacts land in ./mlruns/<experiment id>)."""
+def resolve_experiment_name(name: str) -> str:
+    """The experiment a job works in. `mlflow run --experiment-name` (MLFLOW_EXPERIMENT_ID)
+    fixes it for the launcher's run, and MLflow cannot move a run: an `experiment_name` naming
+    another one is refused rather than silently ignored. '' = that one, else image-classifier."""
     configure_tracking()
-    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    fixed = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not fixed:
+        return name or DEFAULT_EXPERIMENT
+    launcher_experiment = MlflowClient().get_experiment(fixed).name
+    if name and name != launcher_experiment:
+        raise ConfigError(
+            f"parameter 'experiment_name': {name!r}, but this job was started in experiment "
+            f"{launcher_experiment!r} (MLFLOW_EXPERIMENT_ID={fixed}, which `mlflow run` sets "
+            f"from --experiment-name): use `mlflow run --experiment-name {name} ...` instead "
+            f"of -P experiment_name={name}"
+        )
+    return launcher_experiment
+
+
+def experiment_id_for(name: str) -> str:
+    """The id of the job's experiment (see resolve_experiment_name), created if missing; with
+    the default store its artifacts land in ./mlruns/<experiment id>."""
+    name = resolve_experiment_name(name)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -46,6 +75,29 @@ def experiment_id_for(name: str) -> str:
         return client.create_experiment(name)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel worker
         return client.get_experiment_by_name(name).experiment_id
+
+
+def _attach_launcher(job_run_id: str) -> None:
+    """Nest the `mlflow run` run under the job's own top run. The launcher's run holds the
+    parameters as typed ('' = not given) and MLflow parameters cannot change, so the job's
+    resolved values live on its own run, at the top, the same whichever way it was started."""
+    global _launcher_run_id
+    launcher, _launcher_run_id = _launcher_run_id, None
+    if not launcher:
+        return
+    client = MlflowClient()
+    entry_point = client.get_run(launcher).data.tags.get("mlflow.project.entryPoint", "")
+    tags = {
+        "mlflow.parentRunId": job_run_id,
+        "mlflow.runName": f"mlflow run -e {entry_point}".strip(),
+        "job": "mlflow-run-launcher",
+        NOTE_TAG: (
+            "The run `mlflow run` created: its parameters are the command line as typed "
+            "('' = not given). The job's resolved parameters and results are on the parent run."
+        ),
+    }
+    for key, value in tags.items():
+        client.set_tag(launcher, key, value)
 
 
 def flatten_params(params: dict[str, Any]) -> dict[str, str]:
@@ -93,11 +145,9 @@ class RunTracker:
         self.run_id = ""
         self._run = None
         self.end_status = "FINISHED"  # e.g. SCHEDULED for a k-fold job waiting for its folds
-        self._logged: dict[str, str] = {}
 
     def __enter__(self) -> RunTracker:
         experiment_id = experiment_id_for(self.experiment_name)
-        self._nest_under_launcher_on_conflict()
         nested = mlflow.active_run() is not None or self.parent_run_id is not None
         self._run = mlflow.start_run(
             run_id=self.resume_run_id,
@@ -108,35 +158,11 @@ class RunTracker:
             tags=self.tags,
         )
         self.run_id = self._run.info.run_id
-        existing_parent = self._run.data.tags.get("mlflow.parentRunId")
-        if self.parent_run_id and existing_parent != self.parent_run_id:
-            # A run made by `mlflow run` (MLFLOW_RUN_ID) is adopted as given: nest it here.
-            mlflow.set_tag("mlflow.parentRunId", self.parent_run_id)
-        self.parent_run_id = self.parent_run_id or existing_parent
-        self._logged = dict(self._run.data.params)
+        self.parent_run_id = self.parent_run_id or self._run.data.tags.get("mlflow.parentRunId")
+        if not self.parent_run_id and not self.resume_run_id:
+            _attach_launcher(self.run_id)
         self.log_params(self.params)
         return self
-
-    def _nest_under_launcher_on_conflict(self) -> None:
-        """`mlflow run` logs every MLproject parameter on the run it creates. When a `config`
-        file resolved other values, that run cannot take them (MLflow params are immutable),
-        so this run is nested under it instead of adopting it."""
-        launcher = os.environ.get("MLFLOW_RUN_ID")
-        if not launcher or self.resume_run_id or self.parent_run_id or not self.params:
-            return
-        logged = MlflowClient().get_run(launcher).data.params
-        # `mlflow run` logs the shell-quoted text: '' for an empty string.
-        changed = sorted(
-            k for k, v in self.params.items() if k in logged and logged[k].strip("'") != v
-        )
-        if changed:
-            log.info(
-                "config file changed %s: nesting this run under the mlflow-run run %s",
-                changed,
-                launcher,
-            )
-            del os.environ["MLFLOW_RUN_ID"]
-            self.parent_run_id = launcher
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None or (self.finish_on and issubclass(exc_type, self.finish_on)):
@@ -164,16 +190,9 @@ class RunTracker:
             log.warning("MLflow call failed while ending a run: %s", err)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Log in one batch; values the run already holds (e.g. logged by `mlflow run`, which
-        writes '' for an empty string) are not sent again."""
-        fresh = {
-            k: v
-            for k, v in flatten_params(params).items()
-            if self._logged.get(k, "\0").strip("'") != v
-        }
-        if fresh:
-            mlflow.log_params(fresh)
-            self._logged.update(fresh)
+        """Log in one batch (values as flatten_params spells them)."""
+        if params:
+            mlflow.log_params(flatten_params(params))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if tags:
@@ -225,10 +244,13 @@ class RunTracker:
         input_example: Any,
         metadata: dict[str, Any],
         pip_requirements: list[str],
+        step: int,
         code_paths: list[str] | None = None,
     ) -> str:
         """Log a LoggedModel in pickle format (the original class back, in eval mode) with an
-        explicit requirement list (requirement detection costs seconds). Returns its URI."""
+        explicit requirement list (requirement detection costs seconds). `step` is the epoch
+        whose weights it holds: MLflow links the run's metrics at that step to the model
+        (without it, step 0's, the first epoch's, show on the model page). Returns its URI."""
         model.eval()
         info = mlflow.pytorch.log_model(
             model,
@@ -238,6 +260,7 @@ class RunTracker:
             pip_requirements=pip_requirements,
             serialization_format="pickle",
             code_paths=code_paths,
+            step=step,
         )
         return info.model_uri
 

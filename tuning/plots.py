@@ -1,8 +1,7 @@
-"""Optuna's study plots as matplotlib figures (PNG) and, when plotly is installed, HTML."""
+"""Optuna's study plots as matplotlib figures (PNG) and as interactive plotly HTML."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import warnings
 from collections.abc import Callable
@@ -61,15 +60,8 @@ def study_figures(study: optuna.Study) -> dict[str, Figure]:
     return figures
 
 
-def plotly_available() -> bool:
-    return importlib.util.find_spec("plotly") is not None
-
-
 def study_html(study: optuna.Study) -> dict[str, str]:
-    """name -> standalone HTML page (plotly.js from its CDN); {} without plotly."""
-    if not plotly_available():
-        log.info("plotly is not installed: interactive HTML study plots skipped")
-        return {}
+    """name -> standalone interactive HTML page (plotly.js from its CDN)."""
     pages = {}
     for name in _wanted(study):
         figure = _draw(name, getattr(optuna.visualization, f"plot_{name}"), study)

@@ -86,7 +86,7 @@ def searched_fields(base: TrainConfig) -> list[str]:
     names = ["stage1_lr"] if base.stage1_epochs > 0 else []
     names += ["stage2_lr"] if base.stage2_epochs > 0 else []
     names += ["dropout"]
-    names += ["class_weight_strength"] if base.class_weights != "none" else []
+    names += ["class_weight_strength"] if base.effective_class_weights != "none" else []
     return names
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial
+from sqlalchemy.engine import make_url
 
 from training.config import ConfigError
 from training.tracking import child_runs, get_run, set_run_status, set_run_tags
@@ -34,8 +34,21 @@ PRUNERS = {
 
 
 def mask_url(url: str) -> str:
-    """The storage URL with any password replaced by ***, safe to log."""
-    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+    """The storage URL with any password replaced by ***, safe to log. SQLAlchemy renders it
+    (a password may hold '/', ':' or escapes); a URL it cannot parse, or one with a raw '@' in
+    its password, loses everything between the user name and the last '@'."""
+    if "://" not in url:
+        return url  # a journal file path
+    try:
+        if url.count("@") <= 1:
+            return make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        pass
+    scheme, rest = url.split("://", 1)
+    if "@" not in rest:
+        return url
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
 
 
 def pruner_options(spec: str, warmup_steps: int = 0) -> tuple[str, dict[str, Any]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
 from training.cli import run_entry_point
 from training.tracking import RunTracker, configure_tracking
 from training.train import load_data
@@ -24,6 +26,10 @@ def run(cfg: TuneConfig) -> TuneSummary:
         data = load_data(cfg, cfg.cv, f"{cfg.cv}-fold cross-validation")
     else:
         data = load_data(cfg)
+    if cfg.n_jobs > 1:
+        # Trials in threads share the process's cores: divide torch's intra-op threads
+        # between them instead of running n_jobs x all-cores threads.
+        torch.set_num_threads(max(1, torch.get_num_threads() // cfg.n_jobs))
     objective = Objective(cfg, space, data)
     objective.preflight()
     configure_tracking()
