@@ -93,7 +93,9 @@ def test_image_modes_exif_and_unicode_paths(tmp_path):
         image = decode_image(folder / name)
         assert image.shape == (20, 10, 3) and image.dtype == np.uint8, name
     assert decode_image(folder / "deep.png").max() == 255  # 16-bit scaled, not clipped to 0
-    assert decode_image(folder / "rotated.jpg").shape == (10, 20, 3)  # EXIF applied
+    rotated = decode_image(folder / "rotated.jpg")
+    assert rotated.shape == (10, 20, 3)  # EXIF applied: displayed 90° clockwise
+    assert rotated[:, 15:, 0].min() > 200 and rotated[:, :5, 0].max() < 60  # top went right
     assert decode_image(folder / "pal.png")[0, 0, 0] > 200  # palette colour kept
 
 
@@ -111,3 +113,12 @@ def test_csv_relative_paths_and_empty_labels(tmp_path, digits_dir):
     manifest.to_csv(tmp_path / "copy" / "bad.csv", index=False)
     with pytest.raises(DataError, match="empty 'label'"):
         load_labelled_images(tmp_path / "copy" / "bad.csv", 32)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("group_column", "person"), ("label_column", "age"), ("path_column", "f")]
+)
+def test_column_parameters_with_a_class_folder_are_refused(digits_dir, flag, value):
+    """A folder has no columns: a grouped job must not silently run ungrouped."""
+    with pytest.raises(DataError, match=f"parameter '{flag}'='{value}' applies to a CSV"):
+        load_labelled_images(digits_dir, 32, **{flag: value}, progress=False)

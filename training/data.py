@@ -39,6 +39,10 @@ class LabelledImages:
         return self.table["label_index"].to_numpy()
 
     @property
+    def label_names(self) -> np.ndarray:
+        return self.table["label"].to_numpy()
+
+    @property
     def groups(self) -> np.ndarray | None:
         groups = self.table["group"]
         return None if groups.isna().all() else groups.astype(str).to_numpy()

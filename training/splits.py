@@ -69,7 +69,7 @@ def _seed_every_class(counts: np.ndarray, classes: np.ndarray) -> np.ndarray:
         usable = [g for g in having if np.all(train_left - counts[g] > 0)]
         if not usable:
             raise DataError(
-                f"parameter 'group_column': class {classes[c]!r} cannot be on both sides of "
+                f"parameter 'group_column': class '{classes[c]}' cannot be on both sides of "
                 f"a grouped split: its images are in {len(having)} group(s), and each is "
                 "needed on the training side"
             )

@@ -28,7 +28,7 @@ def load_data(cfg: TrainConfig, min_per_class: int = 2, reason: str = "a stratif
 def run(cfg: TrainConfig, progress: bool = True) -> TrainOutcome:
     """Validate everything, then create the run and train; bad input fails before the run."""
     data = load_data(cfg)
-    val_mask = holdout_split(data.labels, data.groups, cfg.val_fraction, cfg.seed)
+    val_mask = holdout_split(data.label_names, data.groups, cfg.val_fraction, cfg.seed)
     plan = plan_training(cfg, data, val_mask)
     params = config_to_dict(cfg)
     with RunTracker(cfg.experiment_name, cfg.run_name or None, params=params) as tracker:

@@ -37,7 +37,7 @@ class Objective:
         if self.cv:
             self.fold_of = assign_folds(data.labels, data.groups, self.cv, cfg.seed)
         else:
-            self.val_mask = holdout_split(data.labels, data.groups, cfg.val_fraction, cfg.seed)
+            self.val_mask = holdout_split(data.label_names, data.groups, cfg.val_fraction, cfg.seed)
 
     def preflight(self) -> None:
         """Plan once with the base config: weights and class-weight errors surface before any

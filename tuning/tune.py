@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -19,6 +21,18 @@ from tuning.study import TrialSeededTPESampler, create_pruner, open_study
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def torch_threads_per_trial(n_jobs: int) -> Iterator[None]:
+    """Trials in n_jobs threads share the process's cores: divide torch's intra-op threads
+    between them instead of running n_jobs x all-cores threads; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // n_jobs))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(cfg: TuneConfig) -> TuneSummary:
     """Validate data, weights and storage first; then add `n_trials` trials to the study."""
     space = load_space(cfg.search_space)
@@ -26,10 +40,6 @@ def run(cfg: TuneConfig) -> TuneSummary:
         data = load_data(cfg, cfg.cv, f"{cfg.cv}-fold cross-validation")
     else:
         data = load_data(cfg)
-    if cfg.n_jobs > 1:
-        # Trials in threads share the process's cores: divide torch's intra-op threads
-        # between them instead of running n_jobs x all-cores threads.
-        torch.set_num_threads(max(1, torch.get_num_threads() // cfg.n_jobs))
     objective = Objective(cfg, space, data)
     objective.preflight()
     configure_tracking()
@@ -47,19 +57,18 @@ def run(cfg: TuneConfig) -> TuneSummary:
         log.info("wilcoxon pruner with cv=0: its paired test runs over epochs, not folds")
     run_name = cfg.run_name or f"tune-{cfg.study_name}"
     params = study_params(cfg, space)
-    # Under `mlflow run` the parent adopts the launcher's run, or nests under it when a config
-    # file changed values that run already logged.
     with RunTracker(cfg.experiment_name, run_name=run_name, params=params) as parent:
-        parent.set_tags({"job": "tune", "optuna_study": cfg.study_name})  # adopted runs too
+        parent.set_tags({"job": "tune", "optuna_study": cfg.study_name})
         parent.log_dict(params, "tune_config.yaml")
         objective.parent_run_id = parent.run_id
-        study.optimize(
-            objective,
-            n_trials=cfg.n_trials,
-            timeout=cfg.timeout or None,
-            n_jobs=cfg.n_jobs,
-            catch=(RuntimeError,),  # e.g. an overflow in the optimizer: FAIL, study goes on
-        )
+        with torch_threads_per_trial(cfg.n_jobs):
+            study.optimize(
+                objective,
+                n_trials=cfg.n_trials,
+                timeout=cfg.timeout or None,
+                n_jobs=cfg.n_jobs,
+                catch=(RuntimeError,),  # e.g. an overflow in the optimizer: FAIL, study goes on
+            )
         ran = len(objective.trial_numbers)
         return log_study_results(parent, study, cfg, objective.base, ran)
 
