@@ -14,11 +14,11 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from registry.images import ImageInputError, Preprocessing, decode_bytes, member_batch, row_bytes
-from registry.tta import MAX_VIEWS, tta_views
+from registry.tta import MAX_VIEWS, View, tta_views
 from registry.voting import METHODS, average_views, combine, log_softmax
 from training.engine import pick_device
 
-FORWARD_CHUNK = 64  # tensors per forward pass: bounds memory for large requests
+FORWARD_BATCH = 64  # image views per forward pass: bounds memory whatever the request size
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     DataFrame with `label`, `prob_<class>` and `error` out. Rows that cannot be decoded get
     an empty label, no probabilities (None) and the reason; the other rows are still predicted.
     Members are averaged over their TTA views first, then voted; `weighted` uses the stored
-    metric weights, the other methods weigh members equally.
+    metric weights, the other methods weigh members equally. Requests of any size are
+    decoded and predicted in chunks of `forward_batch` image views (memory stays bounded).
 
     Logged as code (registry/ensemble_code.py), not pickled: its settings come from the
     model_config (`ensemble_config`) and its members from the copied artifacts.
@@ -58,6 +59,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         self.tta = 1
         self._loaded: list[LoadedMember] = []
         self._device = torch.device("cpu")
+        self.forward_batch = FORWARD_BATCH
 
     def load_context(self, context) -> None:
         self.setup(context.model_config, context.artifacts)
@@ -103,19 +105,25 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value(
                 f"input needs an 'image' (base64) or 'path' column, got {list(model_input)}"
             )
-        decoded, errors = self._decode(model_input)
-        good = [i for i, error in enumerate(errors) if not error]
-        probs = np.full((len(errors), len(self.class_names)), np.nan)
-        labels = [""] * len(errors)
-        if good:
-            member_log_probs = self._member_log_probs(decoded, good, method, tta)
-            weights = [member["weight"] for member in self.members]
+        views = tta_views(tta)
+        # Images are decoded, viewed and forwarded a chunk at a time, so memory is bounded by
+        # the chunk whatever the request size; voting is per image, so results do not change.
+        chunk = max(1, self.forward_batch // len(views))
+        rows = len(model_input)
+        probs = np.full((rows, len(self.class_names)), np.nan)
+        labels, errors = [""] * rows, [""] * rows
+        weights = [member["weight"] for member in self.members]
+        for start in range(0, rows, chunk):
+            decoded, good = self._decode(model_input.iloc[start : start + chunk], errors, start)
+            if not good:
+                continue
+            member_log_probs = self._member_log_probs(decoded, views, method)
             voted, voted_probs = combine(member_log_probs, method, weights)
             probs[good] = voted_probs
             for row, label in zip(good, voted, strict=True):
                 labels[row] = self.class_names[label]
         frame = pd.DataFrame({"label": labels})
-        failed = len(good) < len(errors)
+        failed = any(errors)
         for index, name in enumerate(self.class_names):
             column = pd.Series(probs[:, index])
             # None, not NaN, for failed rows: the REST answer stays strict JSON (null).
@@ -125,38 +133,38 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         frame["error"] = errors
         return frame
 
-    def _decode(self, frame: pd.DataFrame) -> tuple[dict, list[str]]:
-        """Each row decoded once per distinct member preprocessing; failures become errors."""
+    def _decode(
+        self, frame: pd.DataFrame, errors: list[str], offset: int
+    ) -> tuple[dict[tuple[int, bool], list[np.ndarray]], list[int]]:
+        """The rows of `frame` (rows offset.. of the request) decoded once per distinct member
+        preprocessing; returns the images per decode key and the rows that decoded. A row
+        that fails gets its reason in `errors`."""
         keys = {loaded.prep.decode_key: loaded.prep for loaded in self._loaded}
         images = frame["image"] if "image" in frame else [None] * len(frame)
         paths = frame["path"] if "path" in frame else [None] * len(frame)
-        decoded: dict[tuple[int, bool], dict[int, np.ndarray]] = {key: {} for key in keys}
-        errors = []
-        for row, (image, path) in enumerate(zip(images, paths, strict=True)):
+        decoded: dict[tuple[int, bool], list[np.ndarray]] = {key: [] for key in keys}
+        good = []
+        for row, (image, path) in enumerate(zip(images, paths, strict=True), start=offset):
             try:
                 raw = row_bytes(image, path)
-                for key, prep in keys.items():
-                    decoded[key][row] = decode_bytes(raw, prep)
-                errors.append("")
+                pictures = {key: decode_bytes(raw, prep) for key, prep in keys.items()}
             except ImageInputError as err:
-                errors.append(str(err))
-        return decoded, errors
+                errors[row] = str(err)
+                continue
+            for key, picture in pictures.items():
+                decoded[key].append(picture)
+            good.append(row)
+        return decoded, good
 
     @torch.inference_mode()
-    def _member_log_probs(self, decoded: dict, rows: list[int], method: str, tta: int):
-        """(M, N, C) log-probabilities: each member's TTA views averaged per image."""
-        views = tta_views(tta)
+    def _member_log_probs(self, decoded: dict, views: list[View], method: str) -> np.ndarray:
+        """(M, N, C) log-probabilities of N decoded images: each member's views averaged."""
         out = []
         for loaded in self._loaded:
-            images = [decoded[loaded.prep.decode_key][row] for row in rows]
+            images = decoded[loaded.prep.decode_key]
             batch = member_batch(images, views, loaded.prep)
-            logits = torch.cat(
-                [
-                    loaded.model(chunk.to(self._device)).float().cpu()
-                    for chunk in batch.split(FORWARD_CHUNK)
-                ]
-            )
-            per_view = log_softmax(logits.numpy()).reshape(len(rows), len(views), -1)
+            logits = loaded.model(batch.to(self._device)).float().cpu()
+            per_view = log_softmax(logits.numpy()).reshape(len(images), len(views), -1)
             out.append(average_views(per_view.transpose(1, 0, 2), method))
         return np.stack(out)
 

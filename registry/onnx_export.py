@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from mlflow.models import Model
 
 from registry.config import OnnxExportConfig
 from registry.errors import PredictError
+from registry.tta import MAX_VIEWS, VIEW_RECIPE, tta_views
+from registry.voting import VOTING_RECIPE
 from training.config import ConfigError, parse_cli
 from training.logs import setup_logging
 from training.tracking import configure_tracking, scratch_dir
@@ -27,8 +29,9 @@ log = logging.getLogger(__name__)
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 PARITY_TOLERANCE = 1e-4  # max |onnx - torch| logit difference accepted at export time
 PREPROCESSING = (
-    "RGB uint8; shorter side shrunk to image_size if larger (bilinear); resize to "
-    "image_size x image_size (cv2 INTER_LINEAR); (pixel / 255 - mean) / std; NCHW float32"
+    "RGB uint8; shorter side shrunk to image_size if larger (PIL bilinear); [an ensemble's "
+    "TTA view, see view_recipe in ensemble.json]; resize to image_size x image_size "
+    "(cv2 INTER_LINEAR); (pixel / 255 - mean) / std; NCHW float32"
 )
 
 
@@ -131,6 +134,11 @@ def export_members(model_folder: Path, output: Path, opset: int) -> list[Path]:
         "method": meta.get("method", "arithmetic"),
         "tta": meta.get("tta", 1),
         "class_names": meta.get("class_names") or json.loads(written[0].read_text())["class_names"],
+        # Every view a request may ask for (tta overrides up to MAX_VIEWS); the first `tta`
+        # are the default. Fractions of the image, as registry.tta.View holds them.
+        "views": [asdict(view) for view in tta_views(MAX_VIEWS)],
+        "view_recipe": VIEW_RECIPE,
+        "voting_recipe": VOTING_RECIPE,
     }
     (output / "ensemble.json").write_text(json.dumps(ensemble, indent=2))
     return written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import sys
@@ -51,12 +52,20 @@ class PromotionPlan:
         return self.parent.info.run_id
 
     @property
+    def member_run_ids(self) -> list[str]:
+        """The chosen fold runs, best first (the order of the members)."""
+        return [fold.run_id for fold in self.selected]
+
+    @property
     def key(self) -> str:
-        """Identifies one promotion: the same key twice reuses the registered version."""
+        """Identifies one promotion: the same key twice reuses the registered version. It
+        names the chosen fold runs (a digest; the ids are in the version's member_run_ids
+        tag), so a job whose folds finished or were re-run since gets a new ensemble."""
         cfg = self.cfg
+        runs = hashlib.sha256(",".join(sorted(self.member_run_ids)).encode()).hexdigest()
         return (
             f"{self.kfold_run_id}/top{cfg.top_k}/{cfg.metric}/{self.direction}"
-            f"/{cfg.method}/tta{cfg.tta}"
+            f"/{cfg.method}/tta{cfg.tta}/runs-{runs[:12]}"
         )
 
 
@@ -204,6 +213,7 @@ def promote(cfg: PromoteConfig) -> PromoteOutcome:
                 "method": cfg.method,
                 "tta": cfg.tta,
                 "folds": ",".join(str(member.fold) for member in members),
+                "member_run_ids": ",".join(member.run_id for member in members),
                 "member_versions": ",".join(m.model_uri.rsplit("/", 1)[1] for m in members),
                 "promote_run_id": tracker.run_id,
             }

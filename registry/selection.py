@@ -10,7 +10,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from registry.errors import PromoteError
-from training.tracking import child_runs, configure_tracking, find_runs, resolve_experiment_name
+from training.fold_runs import latest_finished_fold_runs
+from training.tracking import configure_tracking, find_runs, resolve_experiment_name
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,20 @@ def find_kfold_parent(kfold_run_id: str, experiment_name: str) -> Run:
 
 
 def fold_models(parent: Run) -> list[FoldModel]:
-    """The FINISHED fold runs with a logged model, one per fold (the newest if a fold was
-    re-run), in fold order."""
-    runs = child_runs(
-        parent.info.run_id, "tags.job = 'train' and attributes.status = 'FINISHED'"
-    )  # newest first
-    folds: dict[int, FoldModel] = {}
-    for run in runs:
-        tags = run.data.tags
-        if "fold" not in tags or not tags.get("model_uri"):
+    """The fold models of a k-fold job, in fold order: per fold, the run that counts
+    (training.fold_runs: its newest FINISHED run), when that run logged a model."""
+    folds_tag = parent.data.tags.get("folds", "")
+    counted = latest_finished_fold_runs(
+        parent.info.run_id, int(folds_tag) if folds_tag.isdigit() else None
+    )
+    models = []
+    for fold, run in counted.items():
+        model_uri = run.data.tags.get("model_uri")
+        if not model_uri:  # an older run of the fold must not stand in for the newest
+            log.warning("fold %d: run %s logged no model; left out", fold, run.info.run_id)
             continue
-        fold = int(tags["fold"])
-        if fold not in folds:
-            folds[fold] = FoldModel(fold, run.info.run_id, tags["model_uri"], run.data.metrics)
-    return [folds[fold] for fold in sorted(folds)]
+        models.append(FoldModel(fold, run.info.run_id, model_uri, run.data.metrics))
+    return models
 
 
 def select_top_k(folds: list[FoldModel], metric: str, k: int, direction: str) -> list[FoldModel]:

@@ -22,6 +22,19 @@ class View:
     flip: bool = False
 
 
+# How apply_view works, for ensemble.json: enough to reproduce the views outside Python.
+VIEW_RECIPE = (
+    "Views are applied to each member's decoded image (uint8 RGB, H x W, after the shorter "
+    "side was shrunk to the member's image_size), before the member's resize: "
+    "top = round(view.top * H), left = round(view.left * W), "
+    "bottom = min(H, max(top + 1, round((view.top + view.height) * H))), "
+    "right = min(W, max(left + 1, round((view.left + view.width) * W))), "
+    "where round() rounds halves to even (Python round, numpy.round); keep rows top:bottom "
+    "and columns left:right; if flip, mirror left-right; then resize and normalise as the "
+    "member's preprocessing says. A request with tta = n uses the first n views."
+)
+
+
 def tta_views(count: int) -> list[View]:
     """The first `count` views. View lists are prefixes of each other: asking for 4 views
     gives the 3-view list plus one, so results with fewer views stay comparable.

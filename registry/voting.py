@@ -10,6 +10,19 @@ from scipy.special import logsumexp
 METHODS = ("arithmetic", "geometric", "weighted", "hard")
 
 
+# How average_views and combine work, for ensemble.json.
+VOTING_RECIPE = (
+    "Per member and view: log-probabilities = log_softmax(logits). Per member, views are "
+    "averaged: geometric = mean of the log-probabilities, renormalised (softmax of the "
+    "mean); the other methods = mean of the probabilities. Then the members: arithmetic = "
+    "mean of their probabilities; weighted = the same with the members' `weight` "
+    "(normalised to sum 1); geometric = mean of their log-probabilities, renormalised; "
+    "hard = each member votes its argmax, the most votes win, a tie is broken by the "
+    "arithmetic mean of probabilities among the tied classes, and the probabilities "
+    "returned are the vote shares. The label is the argmax of the probabilities."
+)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities in float64; kept in log space so nothing underflows to 0."""
     logits = np.asarray(logits, dtype=np.float64)

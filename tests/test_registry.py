@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -15,20 +17,25 @@ from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+import onnxruntime as ort
 import pandas as pd
 import pytest
 import requests
 import torch
 from conftest import TINY
+from PIL import Image, ImageOps
 from sklearn.metrics import f1_score
 
 from registry import onnx_export, predict
 from registry import promote as promote_job
 from registry.config import OnnxExportConfig, PredictConfig, PromoteConfig
+from registry.ensemble import FORWARD_BATCH
 from registry.images import Preprocessing, member_batch
-from registry.tta import tta_views
+from registry.tta import MAX_VIEWS, tta_views
 from training.data import decode_image
-from training.kfold import KFoldConfig, run_kfold
+from training.fold_runs import latest_finished_fold_runs
+from training.kfold import KFoldConfig, prepare_job, run_kfold, train_fold
+from training.model import create_classifier
 from training.transforms import eval_transform, to_tensor
 
 JOB = {**TINY, "stage1_epochs": 1, "stage2_epochs": 1, "folds": 3}
@@ -140,6 +147,59 @@ def test_promoting_again_creates_no_new_versions(reg):
     assert _champion(reg.client) == reg.outcome.version
 
 
+def _fan_out(digits_dir, **flags):
+    """One invocation of the k-fold job with the fan-out flags (prepare_only, parent, fold)."""
+    return run_kfold(KFoldConfig(data=str(digits_dir), **JOB, **flags))
+
+
+def test_promotion_follows_the_fold_runs_that_finished_since(tracking, digits_dir):
+    """A partly finished job is promoted, another fold finishes, a fold is re-run: each
+    promotion names the runs it chose, and a changed choice is a new ensemble version."""
+    job = _fan_out(digits_dir, prepare_only=True).parent_run_id
+    _fan_out(digits_dir, parent_run_id=job, fold=0)
+    client = mlflow.MlflowClient()
+
+    def promote(direction: str, top_k: int = 1):
+        cfg = PromoteConfig(
+            kfold_run_id=job,
+            top_k=top_k,
+            metric="best_val_loss",  # continuous: two folds do not tie
+            direction=direction,
+            model_name=MODEL,
+            alias=f"{direction}{top_k}",
+        )
+        return promote_job.promote(cfg)
+
+    # Both directions pick fold 0 now; once fold 1 exists exactly one of them picks it.
+    first = {direction: promote(direction) for direction in ("min", "max")}
+    fold0_run = first["min"].plan.member_run_ids
+    assert fold0_run == first["max"].plan.member_run_ids and len(fold0_run) == 1
+    _fan_out(digits_dir, parent_run_id=job, fold=1)
+    moved = []
+    for direction, before in first.items():
+        after = promote(direction)
+        chosen = after.plan.member_run_ids
+        changed = chosen != fold0_run
+        moved.append(changed)
+        assert after.reused is not changed  # same runs and settings: the same version
+        assert (after.version != before.version) is changed
+        tags = client.get_model_version(MODEL, after.version).tags
+        assert tags["member_run_ids"] == ",".join(chosen)
+        assert tags["promotion_key"] == after.plan.key
+    assert moved.count(True) == 1
+
+    # A second FINISHED run of fold 0 (a retry, or two fan-out processes on one fold):
+    # the newest run of the fold counts, in the fold-run rule and in the ensemble.
+    rerun = train_fold(prepare_job(KFoldConfig(data=str(digits_dir), **JOB)), 0, job)
+    counted = latest_finished_fold_runs(job, 3)
+    assert sorted(counted) == [0, 1] and counted[0].info.run_id == rerun
+    both = promote("min", top_k=2)
+    assert not both.reused
+    assert sorted(both.plan.member_run_ids) == sorted([rerun, counted[1].info.run_id])
+    members = mlflow.models.get_model_info(f"models:/{MODEL}@min2").metadata["members"]
+    assert {member["run_id"] for member in members} == set(both.plan.member_run_ids)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -180,6 +240,87 @@ def test_ensemble_matches_its_members_computed_by_hand(reg, digits_dir):
     assert np.allclose(probs, expected, atol=1e-6)
     assert out["label"].tolist() == [meta["class_names"][i] for i in expected.argmax(1)]
     assert (out["error"] == "").all()
+
+
+def test_chunked_requests_give_the_same_answer(reg, digits_dir):
+    """A request is decoded, viewed and forwarded in chunks of images; the chunk size (here
+    one image per chunk) changes nothing, error rows included."""
+    paths = _image_paths(digits_dir, 3)
+    paths[4:4] = ["/no/such/file.png"]
+    frame = pd.DataFrame({"path": paths})
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")  # not the shared one
+    ensemble = model.unwrap_python_model()
+    for method in ("geometric", "hard"):
+        whole = model.predict(frame, params={"method": method, "tta": 3})  # 13 x 3 <= 64
+        ensemble.forward_batch = 3
+        chunked = model.predict(frame, params={"method": method, "tta": 3})
+        ensemble.forward_batch = FORWARD_BATCH
+        assert "file not found" in chunked.loc[4, "error"]
+        pd.testing.assert_frame_equal(chunked, whole, check_exact=False, rtol=1e-6, atol=1e-7)
+
+
+MEMORY_PROBE = """
+import json, sys
+import pandas as pd
+from registry.ensemble import EnsembleModel
+
+def status_mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+
+config, artifacts, images = json.load(open(sys.argv[1]))
+model = EnsembleModel()
+model.setup(config, artifacts)
+request = pd.DataFrame({"image": images})
+model.predict(None, request.head(8))  # torch's first-call allocations are not the request's
+before = status_mb("VmRSS")
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")  # restart the peak (VmHWM) from the current RSS
+out = model.predict(None, request)
+peak = status_mb("VmHWM")
+print(json.dumps({"before": before, "peak": peak, "rows": len(out), "errors": int(any(out.error))}))
+"""
+REQUEST_MEMORY_BOUND_MB = 150  # peak RSS growth allowed for the 1,000-image request
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_a_large_request_runs_in_bounded_memory(digits_dir, tmp_path):
+    """1,000 base64 images x 2 views at 96 px are 221 MB of float32 if built at once (the
+    code before chunking did, twice over while stacking: ~410 MB over the loaded model);
+    in chunks of FORWARD_BATCH views the request's peak stays at ~65 MB over it."""
+    model, _ = create_classifier("test_efficientnet", 4, 0.0, "none")
+    meta = {"class_names": list("0123"), "image_size": 96, "mean": [0.5] * 3, "std": [0.5] * 3}
+    folder = tmp_path / "member_0"
+    mlflow.pytorch.save_model(
+        model.eval(),
+        str(folder),
+        serialization_format="pickle",
+        metadata=meta,
+        pip_requirements=["torch"],
+    )
+    member = {"key": "member_0", "fold": 0, "run_id": "r0", "model_uri": "models:/m/1"}
+    member |= {"metric": "best_val_f1_macro", "metric_value": 1.0, "weight": 1.0}
+    config = {"class_names": meta["class_names"], "method": "arithmetic", "tta": 2}
+    images = [_b64(path) for path in _image_paths(digits_dir, 10)] * 25
+    request = tmp_path / "request.json"
+    request.write_text(
+        json.dumps([{**config, "members": [member]}, {"member_0": str(folder)}, images])
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(request)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    figures = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert figures["rows"] == 1000 and not figures["errors"]
+    grown = figures["peak"] - figures["before"]
+    print(f"request peak RSS {figures['peak']:.0f} MB, {grown:.0f} MB over the loaded model")
+    assert grown < REQUEST_MEMORY_BOUND_MB
 
 
 def test_tta_is_deterministic(reg, digits_dir):
@@ -283,6 +424,118 @@ def test_onnx_export_matches_torch(reg, digits_dir, tmp_path):
     got = onnx_export.onnx_logits(description.with_suffix(".onnx"), batch)
     assert got.shape == (16, 4) and np.abs(got - expected).max() < 1e-4
     assert (tmp_path / "onnx" / "ensemble.json").is_file()
+
+
+# The ONNX ensemble reproduced from its files with numpy, PIL and onnxruntime only.
+
+
+def _np_decode(path: str, size: int) -> np.ndarray:
+    """Member JSON 'preprocessing' up to the view: RGB uint8, shorter side shrunk to size."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        if min(img.size) > size:
+            scale = size / min(img.size)
+            shrunk = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            img = img.resize(shrunk, Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _np_view(image: np.ndarray, view: dict) -> np.ndarray:
+    """ensemble.json 'view_recipe' (Python's round rounds halves to even, as it says)."""
+    rows, cols = image.shape[:2]
+    top, left = round(view["top"] * rows), round(view["left"] * cols)
+    bottom = min(rows, max(top + 1, round((view["top"] + view["height"]) * rows)))
+    right = min(cols, max(left + 1, round((view["left"] + view["width"]) * cols)))
+    crop = image[top:bottom, left:right]
+    return crop[:, ::-1] if view["flip"] else crop
+
+
+def _linear_taps(src: int, dst: int, clamp_weights: bool) -> tuple:
+    """Source indices and 11-bit weights of OpenCV's INTER_LINEAR (half-pixel centres; at the
+    left/right edges the weights are clamped, at the top/bottom only the row indices)."""
+    at = ((np.arange(dst) + 0.5) * (1 / (dst / src)) - 0.5).astype(np.float32)
+    first = np.floor(at).astype(np.int64)
+    frac = at - first.astype(np.float32)
+    if clamp_weights:
+        frac = np.where((first < 0) | (first >= src - 1), np.float32(0), frac)
+        first = np.clip(first, 0, src - 1)
+    weight0 = np.rint((1 - frac) * np.float32(2048)).astype(np.int64)
+    weight1 = np.rint(frac * np.float32(2048)).astype(np.int64)
+    return np.clip(first, 0, src - 1), np.clip(first + 1, 0, src - 1), weight0, weight1
+
+
+def _np_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """cv2.resize(INTER_LINEAR) of uint8 HWC, bit for bit (its fixed-point arithmetic); a
+    plain float bilinear differs by 1 grey level on ~10% of the pixels."""
+    r0, r1, b0, b1 = _linear_taps(image.shape[0], size, clamp_weights=False)
+    c0, c1, a0, a1 = _linear_taps(image.shape[1], size, clamp_weights=True)
+    wide = image.astype(np.int64)
+    rows = wide[:, c0] * a0[:, None] + wide[:, c1] * a1[:, None]
+    top = (rows[r0] >> 4) * b0[:, None, None] >> 16
+    bottom = (rows[r1] >> 4) * b1[:, None, None] >> 16
+    return np.clip((top + bottom + 2) >> 2, 0, 255).astype(np.uint8)
+
+
+def _np_log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _onnx_ensemble(folder: Path, paths: list[str], method: str, tta: int) -> tuple:
+    """(labels, probabilities) from the exported files, following ensemble.json's recipes."""
+    ensemble = json.loads((folder / "ensemble.json").read_text())
+    views = ensemble["views"][:tta]
+    members, weights = [], []
+    for name in ensemble["members"]:
+        spec = json.loads((folder / name).read_text())
+        size, mean, std = spec["image_size"], spec["mean"], spec["std"]
+        inputs = []
+        for path in paths:
+            image = _np_decode(path, size)
+            for view in views:
+                pixels = _np_resize(_np_view(image, view), size).astype(np.float32)
+                normal = (pixels / 255 - np.float32(mean)) / np.float32(std)
+                inputs.append(normal.transpose(2, 0, 1))
+        session = ort.InferenceSession(str(folder / spec["file"]))
+        logits = session.run([spec["output"]], {spec["input"]: np.stack(inputs)})[0]
+        per_view = _np_log_softmax(logits.astype(np.float64)).reshape(len(paths), len(views), -1)
+        if method == "geometric":
+            members.append(_np_log_softmax(per_view.mean(axis=1)))
+        else:
+            members.append(np.log(np.exp(per_view).mean(axis=1)))
+        weights.append(spec["weight"] if method == "weighted" else 1.0)
+    log_probs = np.stack(members)
+    if method == "hard":
+        votes = np.eye(log_probs.shape[-1])[log_probs.argmax(axis=-1)].sum(axis=0)
+        soft = np.exp(log_probs).mean(axis=0)
+        tied = votes == votes.max(axis=1, keepdims=True)
+        return np.where(tied, soft, -np.inf).argmax(axis=1), votes / len(members)
+    if method == "geometric":
+        probs = np.exp(_np_log_softmax(log_probs.mean(axis=0)))
+    else:
+        probs = np.tensordot(np.asarray(weights) / sum(weights), np.exp(log_probs), axes=1)
+    return probs.argmax(axis=1), probs
+
+
+def test_onnx_ensemble_reproduces_the_pyfunc_with_tta(reg, digits_dir, tmp_path):
+    folder = tmp_path / "onnx"
+    onnx_export.run(OnnxExportConfig(model_name=MODEL, output=str(folder)))  # the champion
+    ensemble = json.loads((folder / "ensemble.json").read_text())
+    assert (ensemble["method"], ensemble["tta"]) == ("arithmetic", 2)
+    assert ensemble["views"] == [dataclasses.asdict(view) for view in tta_views(MAX_VIEWS)]
+    paths = _image_paths(digits_dir, 4)
+    names = ensemble["class_names"]
+    for method, tta in [("arithmetic", 2), ("weighted", 3), ("geometric", 4), ("hard", 5)]:
+        labels, probs = _onnx_ensemble(folder, paths, method, tta)
+        out = reg.model.predict(
+            pd.DataFrame({"path": paths}), params={"method": method, "tta": tta}
+        )
+        expected = out[[f"prob_{name}" for name in names]].to_numpy(dtype=float)
+        # Exact up to ~1e-9 here. Tighter than 1e-4 on purpose: these barely trained members
+        # give probabilities within ~0.01 of each other, so a wrong view (a crop rounded
+        # down, a missed flip) moves them by only 3e-4 to 6e-4.
+        assert np.abs(probs - expected).max() < 1e-6, method
+        assert [names[i] for i in labels] == out["label"].tolist(), method
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import pandas as pd
 from training.cli import run_entry_point
 from training.config import ConfigError, TrainConfig, config_to_dict, train_config_from
 from training.data import LabelledImages
+from training.fold_runs import latest_finished_fold_runs
 from training.kfold_summary import summarise_folds
 from training.pipeline import execute, plan_training
 from training.splits import assign_folds
@@ -127,21 +128,17 @@ def check_parent(job: KFoldJob, parent_run_id: str) -> None:
 
 
 def finished_folds(parent_run_id: str, folds: int) -> dict[int, str]:
-    """Fold index → run id of its finished run. Runs left RUNNING by a dead process are
-    marked FAILED, so they are neither counted nor mistaken for live ones."""
-    finished: dict[int, str] = {}
-    for run in sorted(child_runs(parent_run_id), key=lambda r: r.info.start_time):
-        fold = run.data.tags.get("fold")
-        if fold is None or not fold.isdigit() or int(fold) >= folds:
-            continue
-        status = run.info.status
-        if status == "FINISHED" and int(fold) not in finished:
-            finished[int(fold)] = run.info.run_id
-        elif status == "RUNNING":
-            log.warning("fold %s run %s was left RUNNING: marked FAILED", fold, run.info.run_id)
-            set_run_status(run.info.run_id, "FAILED")
-            set_run_tags(run.info.run_id, {"superseded": "true"})
-    return finished
+    """Fold index → run id of the run that counts (training.fold_runs: the newest FINISHED
+    one, the rule promotion uses too). Runs left RUNNING by a dead process are marked
+    FAILED, so they are neither counted nor mistaken for live ones."""
+    for run in child_runs(parent_run_id, "attributes.status = 'RUNNING'"):
+        log.warning("fold run %s was left RUNNING: marked FAILED", run.info.run_id)
+        set_run_status(run.info.run_id, "FAILED")
+        set_run_tags(run.info.run_id, {"superseded": "true"})
+    return {
+        fold: run.info.run_id
+        for fold, run in latest_finished_fold_runs(parent_run_id, folds).items()
+    }
 
 
 def train_fold(job: KFoldJob, fold: int, parent_run_id: str) -> str:
