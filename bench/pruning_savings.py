@@ -24,13 +24,12 @@ import sys
 from pathlib import Path
 
 import optuna
-import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import scratch_store  # noqa: E402
+from bench.common import scratch_store, write_digits  # noqa: E402
 from training.config import parse_cli  # noqa: E402
 from training.demo_data import write_demo_data  # noqa: E402
 from tuning.config import TuneConfig  # noqa: E402
@@ -43,9 +42,10 @@ DEMO_STUDY = [
     *("--config", "configs/demo.yaml", "--search_space", "configs/demo_space.yaml"),
     *("--n_trials", "12", "--study_name", "bench-median"),
 ]
-# The smoke test's study: a tiny model on 5 demo images per digit; a threshold no F1 reaches
-# prunes every trial at its first epoch, so the replay path always runs.
-QUICK_PER_CLASS = 5
+# The smoke test's study: a tiny model on 50 digits (written to a scratch folder, never into
+# the repo); a threshold no F1 reaches prunes every trial at its first epoch, so the replay
+# path always runs.
+QUICK_IMAGES = 50
 QUICK_STUDY = [
     *("--model", "test_efficientnet", "--pretrained", "none"),
     *("--image_size", "32", "--batch_size", "16", "--unfreeze_blocks", "2"),
@@ -54,12 +54,13 @@ QUICK_STUDY = [
 ]
 
 
-def base_config(argv: list[str]) -> TuneConfig:
-    """The tune flags as a config whose file paths hold from any working directory."""
+def base_config(argv: list[str], demo_data: bool = True) -> TuneConfig:
+    """The tune flags as a config whose file paths hold from any working directory; the
+    demo digits are written to data/demo first when asked (not by the smoke test)."""
     saved = Path.cwd()
     os.chdir(ROOT)  # relative paths in the flags and in a --config file mean the repo's
     try:
-        if not (DEMO / "train.csv").is_file():
+        if demo_data and not (DEMO / "train.csv").is_file():
             write_demo_data(DEMO)
         cfg = parse_cli(TuneConfig, argv, "")
     finally:
@@ -70,16 +71,6 @@ def base_config(argv: list[str]) -> TuneConfig:
         if getattr(cfg, name)
     }
     return dataclasses.replace(cfg, config="", **absolute)
-
-
-def demo_manifest(folder: Path, per_class: int) -> Path:
-    """The first `per_class` demo training images of each digit, as a manifest of absolute
-    paths."""
-    table = pd.read_csv(DEMO / "train.csv", dtype=str).groupby("label").head(per_class)
-    table["path"] = [str(DEMO / p) for p in table["path"]]
-    path = folder / "train.csv"
-    table.to_csv(path, index=False)
-    return path
 
 
 def epochs(trial: FrozenTrial) -> int:
@@ -163,11 +154,11 @@ def compare(cfg: TuneConfig, study: optuna.Study, folder: Path) -> dict:
 
 def run(quick: bool = False, study_argv: list[str] | None = None) -> dict:
     """Run the demo (or smoke) study with the median pruner, then replay its pruned trials."""
-    cfg = base_config(study_argv or (QUICK_STUDY if quick else DEMO_STUDY))
+    cfg = base_config(study_argv or (QUICK_STUDY if quick else DEMO_STUDY), demo_data=not quick)
     with scratch_store() as folder:
         cfg = dataclasses.replace(
             cfg,
-            data=str(demo_manifest(folder, QUICK_PER_CLASS)) if quick else cfg.data,
+            data=str(write_digits(folder / "digits", QUICK_IMAGES)) if quick else cfg.data,
             storage=f"sqlite:///{folder / 'optuna.db'}",
             experiment_name="bench-pruning",
             best_config=str(folder / "best.yaml"),

@@ -29,6 +29,16 @@ TINY = {
 }
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_state() -> dict[str, float]:
+    """Data and tracking state inside the project folder (path -> mtime): tests leave it as
+    they found it."""
+    paths = [ROOT / "mlflow.db", *(ROOT / "mlruns").rglob("*"), *(ROOT / "data").rglob("*")]
+    return {str(p): p.stat().st_mtime for p in paths if p.exists()}
+
+
 def write_digits(root: Path, per_class: int = 8, classes: int = 4, offset: int = 0) -> Path:
     """Real handwritten digits as PNGs in class folders, with a manifest (writer groups)."""
     digits = load_digits()

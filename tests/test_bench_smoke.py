@@ -1,6 +1,7 @@
-"""The bench scripts still run: each run(quick=True) returns its figures as finite positive
-numbers, and the report renders from them. No timing assertions: speed targets live in
-BENCHMARKS.md (make bench), not in tests."""
+"""The bench scripts still run: each run(quick=True) returns its figures, the figures agree
+with each other (every ratio is the quotient of the figures it names, verdicts follow the
+targets, counts match the set-up), and the report renders them. No timing assertions: speed
+targets live in BENCHMARKS.md (make bench), not in tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import pytest
 
 from bench import run_all
+from conftest import repo_state
 
 # Figures each bench must return as finite positive numbers.
 EXPECTED = {
@@ -37,13 +39,14 @@ def quick_results() -> dict[str, dict]:
     """Every bench once at smoke size, in this process (run_all's children add start-up)."""
     import importlib
 
-    results = {}
+    results = {"repo_before": repo_state()}
     for name in run_all.ORDER:
         module = importlib.import_module(f"bench.{name}")
         if name == "logging_cost":  # a fixed epoch: the throughput bench is not run twice
             results[name] = module.run(quick=True, epoch_seconds=1.0)
         else:
             results[name] = module.run(quick=True)
+    results["repo_after"] = repo_state()
     return results
 
 
@@ -65,3 +68,41 @@ def test_report_renders_every_figure(quick_results):
         assert f"| {number}. " in text
     for name in run_all.ORDER:
         assert f"### {name}" in text
+
+
+def _quotient(result: dict, ratio: str, top: str, bottom: str, digits: int = 3) -> None:
+    assert result[ratio] == pytest.approx(result[top] / result[bottom], abs=2 * 10**-digits)
+
+
+def test_figures_agree_with_each_other(quick_results):
+    r = quick_results
+    throughput = r["train_throughput"]
+    _quotient(throughput, "ratio", "project_images_per_s", "bare_images_per_s")
+    assert throughput["bare_images_per_s"] == max(
+        throughput["bare_nchw_images_per_s"], throughput["bare_channels_last_images_per_s"]
+    )  # the faster bare loop is the baseline
+    logging_cost = r["logging_cost"]
+    _quotient(logging_cost, "sqlite_share", "sqlite_s_per_epoch", "epoch_s", 4)
+    assert logging_cost["epoch_s"] == 1.0 and logging_cost["metrics_per_epoch"] >= 10
+    stages = r["stage_speed"]
+    _quotient(stages, "ratio", "stage2_epoch_s", "stage1_epoch_s", 2)
+    ensemble = r["ensemble_speed"]
+    _quotient(ensemble, "ratio", "ensemble_images_per_s", "bare_images_per_s")
+    assert ensemble["onnx_max_abs_diff"] < 1e-4  # the ONNX arm computed the same logits
+    memory = r["memory"]
+    _quotient(memory, "ratio", "project_increase_mb", "seed_increase_mb")
+    assert memory["project_increase_mb"] < memory["seed_increase_mb"]  # uint8 vs float32
+    pruning = r["pruning_savings"]
+    assert pruning["trials_pruned"] == pruning["trials"] == 2  # the smoke study prunes all
+    assert pruning["epochs_median"] == 2 < pruning["epochs_none"] == 4  # 1 epoch vs 2 each
+    for result in (r[name] for name in run_all.ORDER):
+        if "status" in result:
+            higher = result is not memory and result is not logging_cost
+            value = result["ratio"] if "ratio" in result else result["http_share"]
+            met = value >= result["target"] if higher else value <= result["target"]
+            assert result["status"] == ("met" if met else "missed")
+
+
+def test_the_smoke_run_writes_nothing_in_the_repo(quick_results):
+    """The pruning bench used to write the demo digits to data/demo from the smoke test."""
+    assert quick_results["repo_after"] == quick_results["repo_before"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import write_digits
+from conftest import repo_state, write_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_P = {
@@ -23,12 +23,6 @@ TINY_P = {
     "stage2_epochs": 1,
     "unfreeze_blocks": 2,
 }
-
-
-def _state_in_repo() -> dict[str, float]:
-    """Tracking state inside the project folder, which these tests must not touch."""
-    paths = [ROOT / "mlflow.db", *(ROOT / "mlruns").rglob("*")]
-    return {str(p): p.stat().st_mtime for p in paths if p.exists()}
 
 
 def _env() -> dict[str, str]:
@@ -51,7 +45,7 @@ def mlflow_run(cwd: Path, entry: str, experiment: str, **params) -> subprocess.C
 def workspace(tmp_path_factory):
     """A user's folder: digits, then every job run from there with no tracking set-up."""
     folder = tmp_path_factory.mktemp("user")
-    before = _state_in_repo()
+    before = repo_state()
     data = write_digits(folder / "digits", per_class=10)
     done: dict[str, subprocess.CompletedProcess] = {}
     direct = [sys.executable, "-m", "training.train", "--data", str(data), "--run_name", "direct"]
@@ -97,7 +91,7 @@ def workspace(tmp_path_factory):
         ]
     )
     yield {"folder": folder, "done": done, "runs": runs, "client": client}
-    assert _state_in_repo() == before, "a test wrote tracking state inside the repo"
+    assert repo_state() == before, "a test wrote tracking state inside the repo"
 
 
 @pytest.mark.parametrize(
