@@ -21,8 +21,8 @@ RUN := mlflow run . --env-manager local --experiment-name $(DEMO_EXPERIMENT)
 demo: install
 	$(PYTHON) -m training.demo_data --output data/demo
 	$(RUN) -e kfold -P config=configs/demo.yaml
-	$(RUN) -e promote -P experiment_name=$(DEMO_EXPERIMENT) -P top_k=3
-	$(RUN) -e predict -P experiment_name=$(DEMO_EXPERIMENT) -P data=data/demo/test \
+	$(RUN) -e promote -P top_k=3
+	$(RUN) -e predict -P data=data/demo/test \
 		-P output=outputs/demo_test_predictions.csv
 	@echo "Predictions: outputs/demo_test_predictions.csv"
 	@echo "See it all in the MLflow UI: make ui  (then open http://127.0.0.1:5000)"

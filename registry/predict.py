@@ -22,6 +22,7 @@ from training import plots
 from training.cli import run_entry_point
 from training.config import config_to_dict
 from training.metrics import classification_metrics, confusion, report, report_text
+from training.names import data_label
 from training.tracking import RunTracker, configure_tracking
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ def log_predict_run(
     model_uri = cfg.resolved_model_uri
     tags = {"job": "predict", "model_uri": model_uri}
     params = config_to_dict(cfg)
-    with RunTracker(cfg.experiment_name, cfg.run_name or None, tags=tags, params=params) as tracker:
+    name = cfg.run_name or f"predict {data_label(cfg.data)}"
+    with RunTracker(cfg.experiment_name, name, tags=tags, params=params) as tracker:
         tracker.log_params(
             {
                 "resolved_model_uri": model_uri,

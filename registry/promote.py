@@ -31,7 +31,7 @@ from registry.selection import (
 from registry.voting import metric_weights
 from training.cli import run_entry_point
 from training.config import config_to_dict
-from training.pipeline import pip_requirements
+from training.run_results import pip_requirements
 from training.tracking import RunTracker
 
 
@@ -189,7 +189,7 @@ def promote(cfg: PromoteConfig) -> PromoteOutcome:
     tags = {"job": "promote", "kfold_run_id": plan.kfold_run_id}
     params = config_to_dict(cfg)
     with RunTracker(
-        plan.experiment_name, cfg.run_name or None, tags=tags, params=params
+        plan.experiment_name, cfg.run_name or f"promote top-{cfg.top_k}", tags=tags, params=params
     ) as tracker:
         # New names: `mlflow run` already logged the given kfold_run_id and direction.
         tracker.log_params(

@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import repo_state
 
 from bench import run_all
-from conftest import repo_state
 
 # Figures each bench must return as finite positive numbers.
 EXPECTED = {

@@ -150,11 +150,14 @@ def test_killed_job_resumes_to_the_same_result(store, digits_dir):
     try:
         while time.time() < deadline:  # kill once fold 1 has started training
             time.sleep(0.5)
-            runs = mlflow.search_runs(
-                search_all_experiments=True, filter_string="tags.mlflow.runName = 'killed-fold1'"
+            parents = mlflow.search_runs(
+                search_all_experiments=True, filter_string="tags.mlflow.runName = 'killed'"
             )
-            if not runs.empty:
-                parent_id = runs["tags.mlflow.parentRunId"].iloc[0]
+            if (
+                not parents.empty
+                and (_children(parents["run_id"].iloc[0])["tags.fold"] == "1").any()
+            ):
+                parent_id = parents["run_id"].iloc[0]
                 break
         assert parent_id, "fold 1 never started"
     finally:

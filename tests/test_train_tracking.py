@@ -50,7 +50,7 @@ def finished_run(tmp_path_factory, digits_dir):
             for f in ([top] if not top.is_dir else client.list_artifacts(outcome.run_id, top.path))
         }
         local = mlflow.artifacts.download_artifacts(run_id=outcome.run_id, dst_path=str(folder))
-        history = client.get_metric_history(outcome.run_id, "val_f1_macro")
+        history = client.get_metric_history(outcome.run_id, "val/f1_macro")
         model = mlflow.pytorch.load_model(outcome.model_uri)
         yield {
             "cfg": cfg,
@@ -76,21 +76,74 @@ def test_run_finished_with_every_param(finished_run):
 def test_metrics_per_epoch_with_stage(finished_run):
     run = finished_run["run"]
     assert [m.step for m in finished_run["history"]] == [0, 1, 2]
-    for key in (
-        "train_loss",
-        "val_loss",
-        "val_accuracy",
-        "val_f1_macro",
-        "val_precision_macro",
-        "val_recall_macro",
-        "lr",
-        "epoch_seconds",
-        "images_per_s",
-        "stage",
-    ):
+    curves = ["train/loss", "train/accuracy", "train/lr", "train/seconds", "train/stage"]
+    curves += ["val/loss", "val/accuracy", "val/f1_macro", "val/ece", "val/recall_macro"]
+    curves += [f"val_{kind}/{c}" for kind in ("f1", "precision", "recall") for c in "0123"]
+    for key in curves:
         assert key in run.data.metrics, key
-    stages = mlflow.MlflowClient().get_metric_history(run.info.run_id, "stage")
-    assert [m.value for m in stages] == [1, 2, 2]
+    stages = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/stage")
+    assert [m.value for m in stages] == [1, 2, 2]  # the stage boundary on the step axis
+    # One-value summaries have no prefix (the UI lists them after the curves); housekeeping
+    # of the kept epoch is a param.
+    summaries = {k for k in run.data.metrics if "/" not in k}
+    assert summaries == {
+        "best_val_f1_macro",
+        "best_val_accuracy",
+        "best_val_loss",
+        "best_val_precision_macro",
+        "best_val_recall_macro",
+        "best_val_ece",
+        "skipped_images",
+    }
+    assert {"best_step", "best_stage", "best_epoch"} <= set(run.data.params)
+
+
+def test_run_and_model_are_named_and_described(finished_run):
+    run = finished_run["run"]
+    assert run.info.run_name == "train digits test_efficientnet"
+    assert run.data.tags["mlflow.note.content"].startswith("val macro F1 0.")
+    logged = mlflow.get_logged_model(finished_run["outcome"].model_uri.removeprefix("models:/"))
+    assert logged.name == "train-digits-test_efficientnet"
+
+
+def test_per_class_metrics_equal_scikit_learn_on_the_kept_predictions(finished_run):
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    run, local = finished_run["run"], finished_run["local"]
+    table = pd.read_csv(f"{local}/evaluation/val_predictions.csv", dtype={"label": str})
+    truth, predicted = table["label"], table["predicted"].astype(str)
+    step = int(run.data.params["best_step"])
+    client = mlflow.MlflowClient()
+    for kind, score in (("f1", f1_score), ("precision", precision_score), ("recall", recall_score)):
+        expected = score(truth, predicted, labels=list("0123"), average=None, zero_division=0)
+        for name, value in zip("0123", expected, strict=True):
+            history = client.get_metric_history(run.info.run_id, f"val_{kind}/{name}")
+            logged = next(m.value for m in history if m.step == step)
+            assert logged == pytest.approx(value), (kind, name)
+
+
+def test_the_gallery_has_exactly_one_row_per_wrong_image(finished_run):
+    local = finished_run["local"]
+    table = pd.read_csv(f"{local}/evaluation/val_predictions.csv", dtype=str)
+    wrong = pd.read_csv(f"{local}/evaluation/misclassified.csv", dtype={"true": str})
+    assert list(wrong.columns) == ["path", "true", "predicted", "p_predicted", "p_true"]
+    expected = table.loc[table["label"] != table["predicted"], "path"]
+    assert sorted(wrong["path"]) == sorted(expected)
+    assert (wrong["p_true"] <= wrong["p_predicted"]).all()
+    assert wrong["p_true"].is_monotonic_increasing  # the most confidently wrong first
+
+
+def test_confusion_matrix_images_are_logged_per_step(finished_run):
+    client = mlflow.MlflowClient()
+    run_id = finished_run["run"].info.run_id
+    files = [f.path for f in client.list_artifacts(run_id, "images")]
+    # MLflow names them images/<key>+step+<step>+timestamp+...png (plus a .webp thumbnail)
+    steps = {
+        int(name.split("+step+")[1].split("+")[0])
+        for name in files
+        if name.startswith("images/confusion_matrix+") and name.endswith(".png")
+    }
+    assert steps == {0, 1, 2}
 
 
 def test_every_artifact_is_logged(finished_run):
@@ -103,8 +156,12 @@ def test_every_artifact_is_logged(finished_run):
         "evaluation/classification_report.json",
         "evaluation/classification_report.txt",
         "evaluation/val_predictions.csv",
+        "evaluation/misclassified.csv",
+        "evaluation/misclassified.png",
+        "evaluation/reliability.json",
         "plots/learning_curves.png",
         "plots/probability_distribution.png",
+        "plots/reliability.png",
         "checkpoints/best_stage1.pt",
         "checkpoints/best_stage2.pt",
         "checkpoints/final.pt",
@@ -157,9 +214,9 @@ def test_the_logged_model_is_linked_to_the_epoch_whose_weights_it_holds(finished
     assert best_step > 0
     logged = mlflow.get_logged_model(outcome.model_uri.removeprefix("models:/"))
     linked = {m.key: m for m in logged.metrics}
-    assert linked["val_f1_macro"].step == best_step
-    assert linked["val_f1_macro"].value == pytest.approx(outcome.best["val_f1_macro"])
-    assert linked["val_loss"].value == pytest.approx(outcome.best["val_loss"])
+    assert linked["val/f1_macro"].step == best_step
+    assert linked["val/f1_macro"].value == pytest.approx(outcome.best["val_f1_macro"])
+    assert linked["val/loss"].value == pytest.approx(outcome.best["val_loss"])
 
 
 def test_val_predictions_match_the_logged_model(finished_run, digits_dir):

@@ -129,7 +129,7 @@ def test_two_worker_processes_share_one_study_and_a_rerun_adds_trials(
         assert by_run.loc[run_id, "tags.trial_state"] == trial.state.name
         assert by_run.loc[run_id, "tags.trial_number"] == str(trial.number)
         assert by_run.loc[run_id, "tags.trial_origin"] == trial.user_attrs.get("origin", "sampled")
-        history = client.get_metric_history(run_id, "val_f1_macro")
+        history = client.get_metric_history(run_id, "val/f1_macro")
         if trial.state == optuna.trial.TrialState.PRUNED:
             assert [m.step for m in history] == [0] == list(trial.intermediate_values)
             assert history[0].value == pytest.approx(trial.intermediate_values[0])
@@ -215,7 +215,7 @@ def test_cv_objective_nests_one_run_per_fold_under_the_trial_run(tracking, digit
     assert set(folds["tags.job"]) == {"train"} and set(folds["status"]) == {"FINISHED"}
     fold_scores = folds.sort_values("tags.fold")["metrics.best_val_f1_macro"].tolist()
     assert trial["metrics.trial_value"].item() == pytest.approx(sum(fold_scores) / 2)
-    history = mlflow.MlflowClient().get_metric_history(trial["run_id"].item(), "fold_val_f1_macro")
+    history = mlflow.MlflowClient().get_metric_history(trial["run_id"].item(), "cv/val_f1_macro")
     assert [m.value for m in history] == pytest.approx(fold_scores)
     study = optuna.load_study(study_name="tune", storage="sqlite:///mlruns/optuna.db")
     assert study.trials[0].value == pytest.approx(sum(fold_scores) / 2)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from sklearn.metrics import confusion_matrix
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -16,7 +17,11 @@ from torch.utils.data import DataLoader
 
 from training.config import TrainConfig
 from training.engine import mean_loss, predict_probs, train_one_epoch
-from training.metrics import classification_metrics
+from training.metrics import (
+    classification_metrics,
+    expected_calibration_error,
+    per_class_metrics,
+)
 from training.model import Classifier, set_trainable
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ class FitResult:
     final_state: State | None = None
     val_probs: np.ndarray | None = None
     val_targets: np.ndarray | None = None
+    confusions: dict[int, np.ndarray] = field(default_factory=dict)  # step -> counts
 
 
 def _copy_state(model: nn.Module) -> State:
@@ -68,6 +74,18 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     if best is None:
         return True
     return value > best if mode == "max" else value < best
+
+
+def validation_record(probs: np.ndarray, targets: np.ndarray, loss: float) -> dict[str, float]:
+    """One epoch's validation figures: loss, accuracy, macro scores, calibration error and
+    every class's F1 / precision / recall (fields f1/<class index>, ...)."""
+    record = classification_metrics(targets, probs)
+    record["loss"] = loss
+    record["ece"] = expected_calibration_error(targets, probs)
+    indices = [str(i) for i in range(probs.shape[1])]
+    for kind, scores in per_class_metrics(targets, probs, indices).items():
+        record.update({f"{kind}/{index}": value for index, value in scores.items()})
+    return record
 
 
 def _check_finite(loss: float, name: str, stage: Stage, epoch: int) -> None:
@@ -142,9 +160,9 @@ def fit(
                 raise DivergedError(f"{stage.name} epoch {epoch + 1}: {err}") from err
             _check_finite(train["loss"], "training", stage, epoch)
             probs, targets = predict_probs(model, val_loader, device, "validate", progress)
-            val = classification_metrics(targets, probs)
-            val["loss"] = mean_loss(probs, targets, loss_fn)
-            _check_finite(val["loss"], "validation", stage, epoch)  # whatever `monitor` is
+            val_loss = mean_loss(probs, targets, loss_fn)
+            _check_finite(val_loss, "validation", stage, epoch)  # whatever `monitor` is
+            val = validation_record(probs, targets, val_loss)
             record = {
                 "stage": stage_number,
                 "epoch": epoch + 1,
@@ -157,6 +175,9 @@ def fit(
                 **{f"val_{k}": v for k, v in val.items()},
             }
             result.history.append(record)
+            result.confusions[record["step"]] = confusion_matrix(
+                targets, probs.argmax(axis=1), labels=np.arange(probs.shape[1])
+            )
             value = record[cfg.monitor]
             if _improved(value, best_value, mode):
                 best_value, stale = value, 0

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from training import plots
 from training.cli import run_entry_point
 from training.config import ConfigError, TrainConfig, config_to_dict, train_config_from
 from training.data import LabelledImages
 from training.fold_runs import latest_finished_fold_runs
 from training.kfold_summary import summarise_folds
+from training.names import fold_run_name, job_run_name
 from training.pipeline import execute, plan_training
+from training.run_results import GALLERY_SIZE
 from training.splits import assign_folds
 from training.tracking import (
     RunTracker,
@@ -148,7 +151,7 @@ def train_fold(job: KFoldJob, fold: int, parent_run_id: str) -> str:
     val_mask = job.fold_of == fold
     plan = plan_training(train_cfg, job.data, val_mask)
     tags = {"fold": fold, "job": "train", "kfold_parent": parent_run_id}
-    name = f"{cfg.run_name or 'kfold'}-fold{fold}"
+    name = fold_run_name(fold)
     log.info(
         "fold %d/%d: %d train, %d val images",
         fold + 1,
@@ -168,16 +171,59 @@ def aggregate(job: KFoldJob, parent: RunTracker) -> dict[str, float]:
     missing = sorted(set(range(job.cfg.folds)) - set(finished))
     if missing:
         raise KFoldError(f"k-fold job {parent.run_id}: folds {missing} are not finished yet")
-    summary = summarise_folds(job.folds_table(), job.data.class_names, finished)
+    names = job.data.class_names
+    summary = summarise_folds(job.folds_table(), names, finished)
     parent.log_metrics(summary.metrics)
     parent.log_csv(summary.per_fold, "folds/metrics.csv")
     parent.log_table(summary.per_fold, "folds/metrics.json")
+    parent.log_table(summary.per_class, "folds/per_class.json")
     parent.log_csv(summary.oof, "evaluation/oof_predictions.csv")
     parent.log_dict(summary.confusion, "evaluation/oof_confusion_matrix.json")
-    parent.log_figure(summary.confusion_figure, "evaluation/oof_confusion_matrix.png")
-    parent.log_figure(summary.fold_figure, "plots/fold_f1.png")
+    parent.log_figure(
+        plots.confusion_matrix_figure(
+            summary.confusion["counts"], names, "out-of-fold confusion matrix"
+        ),
+        "evaluation/oof_confusion_matrix.png",
+    )
+    parent.log_csv(summary.misclassified, "evaluation/misclassified.csv")
+    worst = summary.misclassified.head(GALLERY_SIZE)
+    parent.log_figure(
+        plots.misclassified_sheet(
+            [job.data.images[i] for i in worst.index],
+            worst,
+            f"out-of-fold: worst {len(worst)} of {len(summary.misclassified)} wrong",
+        ),
+        "evaluation/misclassified.png",
+    )
+    parent.log_dict(summary.reliability, "evaluation/oof_reliability.json")
+    parent.log_figure(
+        plots.reliability_diagram(
+            summary.reliability, summary.metrics["oof_ece"], "out-of-fold reliability"
+        ),
+        "plots/oof_reliability.png",
+    )
+    parent.log_figure(
+        plots.fold_bars(
+            summary.per_fold["val_f1_macro"].tolist(),
+            "val macro F1",
+            summary.metrics["oof_f1_macro"],
+        ),
+        "plots/fold_f1.png",
+    )
     parent.set_tags({"kfold_state": "complete"})
+    parent.set_description(describe(job, summary.metrics))
     return summary.metrics
+
+
+def describe(job: KFoldJob, metrics: dict[str, float]) -> str:
+    cfg = job.cfg
+    return (
+        f"{cfg.folds}-fold cross-validation of {cfg.model} on {len(job.data)} images "
+        f"({len(job.data.class_names)} classes): out-of-fold macro F1 "
+        f"{metrics['oof_f1_macro']:.3f} (accuracy {metrics['oof_accuracy']:.3f}, ECE "
+        f"{metrics['oof_ece']:.3f}); per fold {metrics['mean_val_f1_macro']:.3f} "
+        f"± {metrics['std_val_f1_macro']:.3f}"
+    )
 
 
 def _open_parent(job: KFoldJob) -> RunTracker:
@@ -186,7 +232,10 @@ def _open_parent(job: KFoldJob) -> RunTracker:
         check_parent(job, cfg.parent_run_id)
         return RunTracker(cfg.experiment_name, run_id=cfg.parent_run_id)
     return RunTracker(
-        cfg.experiment_name, cfg.run_name or None, tags=job.job_tags(), params=job.job_params()
+        cfg.experiment_name,
+        cfg.run_name or job_run_name("kfold", cfg.data, cfg.model),
+        tags=job.job_tags(),
+        params=job.job_params(),
     )
 
 

@@ -6,10 +6,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
-from training import plots
-from training.metrics import classification_metrics, confusion
+from training.metric_keys import safe_name
+from training.metrics import (
+    classification_metrics,
+    confusion,
+    expected_calibration_error,
+    misclassified,
+    per_class_metrics,
+    reliability_bins,
+)
 from training.tracking import get_run, load_artifact_csv
 
 FOLD_METRICS = (
@@ -18,17 +24,31 @@ FOLD_METRICS = (
     "val_loss",
     "val_precision_macro",
     "val_recall_macro",
+    "val_ece",
 )
 
 
 @dataclass
 class FoldSummary:
-    per_fold: pd.DataFrame
-    oof: pd.DataFrame
+    """Everything the k-fold parent logs, as plain data (figures are drawn by the caller)."""
+
+    per_fold: pd.DataFrame  # fold, run_id, the fold run's best_* metrics
+    per_class: pd.DataFrame  # fold, class, f1, precision, recall (kept weights, val fold)
+    oof: pd.DataFrame  # path, label, group, fold, predicted, prob_<class>... in data order
     metrics: dict[str, float]
     confusion: dict
-    confusion_figure: Figure
-    fold_figure: Figure
+    reliability: dict
+    misclassified: pd.DataFrame  # index = the image's row in the data
+
+
+def _fold_predictions(folds: pd.DataFrame, fold: int, run_id: str) -> pd.DataFrame:
+    """The fold run's validation predictions, checked to be that fold's images in order."""
+    predictions = load_artifact_csv(run_id, "evaluation/val_predictions.csv")
+    members = folds.index[folds["fold"] == fold]
+    paths = folds.loc[members, "path"].to_numpy()
+    if len(predictions) != len(members) or not (predictions["path"].to_numpy() == paths).all():
+        raise ValueError(f"fold {fold} run {run_id}: predictions do not match folds")
+    return predictions.set_index(members)
 
 
 def summarise_folds(
@@ -36,47 +56,60 @@ def summarise_folds(
 ) -> FoldSummary:
     """`folds` has path, label, group, fold in dataset order; each fold run logged its
     validation predictions in the same order (the order of its validation indices)."""
-    rows, parts = [], []
+    rows, class_rows, parts = [], [], []
     prob_columns = [f"prob_{name}" for name in class_names]
+    index_of = {name: i for i, name in enumerate(class_names)}
     for fold in sorted(fold_runs):
         run = get_run(fold_runs[fold])
+        metrics = run.data.metrics
         rows.append(
-            {
-                "fold": fold,
-                "run_id": run.info.run_id,
-                **{m: run.data.metrics.get(f"best_{m}", np.nan) for m in FOLD_METRICS},
-            }
+            {"fold": fold, "run_id": run.info.run_id}
+            | {m: metrics.get(f"best_{m}", np.nan) for m in FOLD_METRICS}
         )
-        predictions = load_artifact_csv(run.info.run_id, "evaluation/val_predictions.csv")
-        members = folds.index[folds["fold"] == fold]
-        if (
-            len(predictions) != len(members)
-            or not (predictions["path"].to_numpy() == folds.loc[members, "path"].to_numpy()).all()
-        ):
-            raise ValueError(f"fold {fold} run {run.info.run_id}: predictions do not match folds")
-        part = folds.loc[members].copy()
+        predictions = _fold_predictions(folds, fold, run.info.run_id)
+        part = folds.loc[predictions.index].copy()
         part["predicted"] = predictions["predicted"].to_numpy()
         part[prob_columns] = predictions[prob_columns].to_numpy()
         parts.append(part)
-    per_fold = pd.DataFrame(rows)
+        targets = part["label"].map(index_of).to_numpy()
+        scores = per_class_metrics(targets, part[prob_columns].to_numpy(), class_names)
+        class_rows += [
+            {"fold": fold, "class": name, **{kind: scores[kind][name] for kind in scores}}
+            for name in class_names
+        ]
     oof = pd.concat(parts).sort_index()
-    targets = oof["label"].map({name: i for i, name in enumerate(class_names)}).to_numpy()
+    targets = oof["label"].map(index_of).to_numpy()
     probs = oof[prob_columns].to_numpy()
-    oof_metrics = classification_metrics(targets, probs)
-    metrics = {f"oof_{k}": v for k, v in oof_metrics.items()}
+    per_fold, per_class = pd.DataFrame(rows), pd.DataFrame(class_rows)
+    return FoldSummary(
+        per_fold=per_fold,
+        per_class=per_class,
+        oof=oof.reset_index(drop=True),
+        metrics=summary_metrics(per_fold, per_class, targets, probs, class_names),
+        confusion=confusion(targets, probs.argmax(axis=1), class_names),
+        reliability=reliability_bins(targets, probs),
+        misclassified=misclassified(list(oof["path"]), targets, probs, class_names),
+    )
+
+
+def summary_metrics(
+    per_fold: pd.DataFrame,
+    per_class: pd.DataFrame,
+    targets: np.ndarray,
+    probs: np.ndarray,
+    class_names: list[str],
+) -> dict[str, float]:
+    """Out-of-fold figures (oof_*), fold mean and std of each fold metric, and per class the
+    fold mean and std (f1_mean/<class>, ..., sections of their own in the MLflow UI)."""
+    metrics = {f"oof_{k}": v for k, v in classification_metrics(targets, probs).items()}
+    metrics["oof_ece"] = expected_calibration_error(targets, probs)
     for name in FOLD_METRICS:
         metrics[f"mean_{name}"] = float(per_fold[name].mean())
         metrics[f"std_{name}"] = float(per_fold[name].std(ddof=0))
-    matrix = confusion(targets, probs.argmax(axis=1), class_names)
-    return FoldSummary(
-        per_fold=per_fold,
-        oof=oof.reset_index(drop=True),
-        metrics=metrics,
-        confusion=matrix,
-        confusion_figure=plots.confusion_matrix_figure(
-            matrix["counts"], class_names, "out-of-fold confusion matrix"
-        ),
-        fold_figure=plots.fold_bars(
-            per_fold["val_f1_macro"].tolist(), "val macro F1", metrics["oof_f1_macro"]
-        ),
-    )
+    grouped = per_class.groupby("class")
+    for kind in ("f1", "precision", "recall"):
+        for name in class_names:
+            values = grouped.get_group(name)[kind]
+            metrics[f"{kind}_mean/{safe_name(name)}"] = float(values.mean())
+            metrics[f"{kind}_std/{safe_name(name)}"] = float(values.std(ddof=0))
+    return metrics

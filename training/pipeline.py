@@ -5,25 +5,26 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import timm
 import torch
 
-import training
-from training import plots
-from training.checkpoints import save_checkpoint
 from training.config import TrainConfig, config_to_dict, config_to_yaml
 from training.data import LabelledImages
 from training.engine import ImageArrayDataset, make_loader, pick_device
-from training.fit import FitResult, fit
+from training.fit import fit
 from training.losses import create_loss, resolve_class_weights
-from training.metrics import confusion, report, report_text
+from training.metric_keys import epoch_metrics
 from training.model import Classifier, ModelInfo, create_classifier
-from training.tracking import RunTracker, scratch_dir
+from training.run_results import (
+    input_example,
+    log_checkpoints,
+    log_evaluation,
+    log_model,
+    log_summary,
+)
+from training.tracking import RunTracker
 from training.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -104,26 +105,15 @@ def model_metadata(plan: TrainingPlan) -> dict:
     }
 
 
-def pip_requirements() -> list[str]:
-    import albumentations
-    import sklearn
-
-    return [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"timm=={timm.__version__}",
-        f"mlflow=={version('mlflow')}",
-        f"albumentations=={albumentations.__version__}",
-        f"scikit-learn=={sklearn.__version__}",
-        f"numpy=={np.__version__}",
-        "pillow",
-        "pandas",
-    ]
-
-
 def execute(
-    plan: TrainingPlan, tracker: RunTracker, on_epoch=None, progress: bool = True
+    plan: TrainingPlan,
+    tracker: RunTracker,
+    on_epoch=None,
+    progress: bool = True,
+    figures: bool = True,
 ) -> TrainOutcome:
-    """Fit the plan and log params, per-epoch metrics, artifacts, checkpoints and the model."""
+    """Fit the plan and log params, per-epoch metrics, artifacts, checkpoints and the model.
+    `figures` (plots, error gallery, per-epoch confusion images) is off in tuning trials."""
     cfg, data = plan.cfg, plan.data
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -174,7 +164,7 @@ def execute(
     loss_fn = create_loss(cfg.loss, plan.class_weights, cfg.label_smoothing, cfg.focal_gamma)
 
     def log_epoch(record: dict[str, float]) -> None:
-        tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        tracker.log_metrics(epoch_metrics(record, data.class_names), step=int(record["step"]))
         if on_epoch is not None:
             on_epoch(record)
 
@@ -183,8 +173,12 @@ def execute(
     )
     plan.model.load_state_dict(result.best_state)
     plan.model.to("cpu").eval()
-    model_uri = log_results(plan, tracker, result, meta, val_set)
-    best = {k: v for k, v in result.best_epoch.items() if k.startswith("val_")}
+    log_summary(tracker, plan, result)
+    log_evaluation(tracker, plan, result, figures)
+    log_checkpoints(tracker, plan, result, meta)
+    name = tracker.run_name or "model"
+    model_uri = log_model(tracker, plan, result, meta, input_example(val_set), name)
+    best = {k: v for k, v in result.best_epoch.items() if k.startswith("val_") and "/" not in k}
     return TrainOutcome(
         run_id=tracker.run_id,
         best=best,
@@ -193,69 +187,3 @@ def execute(
         val_probs=result.val_probs,
         model_uri=model_uri,
     )
-
-
-def log_results(
-    plan: TrainingPlan,
-    tracker: RunTracker,
-    result: FitResult,
-    meta: dict,
-    val_set: ImageArrayDataset,
-) -> str:
-    """Evaluation artifacts of the best weights, checkpoints and the logged model."""
-    names = plan.data.class_names
-    probs, targets = result.val_probs, result.val_targets
-    preds = probs.argmax(axis=1)
-    tracker.log_metrics({f"best_{k}": v for k, v in result.best_epoch.items() if k != "step"})
-    matrix = confusion(targets, preds, names)
-    tracker.log_dict(matrix, "evaluation/confusion_matrix.json")
-    tracker.log_figure(
-        plots.confusion_matrix_figure(matrix["counts"], names, "validation confusion matrix"),
-        "evaluation/confusion_matrix.png",
-    )
-    tracker.log_dict(report(targets, preds, names), "evaluation/classification_report.json")
-    tracker.log_text(report_text(targets, preds, names), "evaluation/classification_report.txt")
-    tracker.log_figure(plots.learning_curves(result.history), "plots/learning_curves.png")
-    tracker.log_figure(
-        plots.probability_distribution(probs, targets), "plots/probability_distribution.png"
-    )
-    tracker.log_csv(predictions_table(plan, probs), "evaluation/val_predictions.csv")
-    tracker.log_csv(pd.DataFrame(result.history), "evaluation/history.csv")
-
-    with scratch_dir() as folder:
-        ckpt_meta = {**meta, "config": config_to_dict(plan.cfg)}
-        for stage_name, (state, record) in result.stage_best.items():
-            path = folder / f"best_{stage_name}.pt"
-            save_checkpoint(path, state, {**ckpt_meta, "metrics": record})
-            tracker.log_artifact(path, "checkpoints")
-        save_checkpoint(folder / "final.pt", result.final_state, ckpt_meta)
-        tracker.log_artifact(folder / "final.pt", "checkpoints")
-
-    example = torch.stack([val_set[i][0] for i in range(min(2, len(val_set)))]).numpy()
-    model_uri = tracker.log_pytorch_model(
-        plan.model,
-        name="model",
-        input_example=example,
-        metadata={**meta, **{k: round(v, 6) for k, v in result.best_epoch.items()}},
-        pip_requirements=pip_requirements(),
-        step=int(result.best_epoch["step"]),
-        code_paths=[str(Path(training.__file__).parent)],
-    )
-    tracker.set_tags({"model_uri": model_uri})  # lets registry find the model without search
-    return model_uri
-
-
-def predictions_table(plan: TrainingPlan, probs: np.ndarray) -> pd.DataFrame:
-    """Validation predictions: path, true label, predicted label, one column per class."""
-    rows = plan.data.table.iloc[plan.val_indices]
-    names = plan.data.class_names
-    table = pd.DataFrame(
-        {
-            "path": rows["path"].to_numpy(),
-            "label": rows["label"].to_numpy(),
-            "predicted": [names[i] for i in probs.argmax(axis=1)],
-        }
-    )
-    for index, name in enumerate(names):
-        table[f"prob_{name}"] = probs[:, index]
-    return table

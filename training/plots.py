@@ -1,4 +1,4 @@
-"""Matplotlib figures: learning curves, confusion matrix, probability distribution, fold bars."""
+"""Matplotlib figures: curves, confusion, probabilities, fold bars, reliability, galleries."""
 
 from __future__ import annotations
 
@@ -91,5 +91,58 @@ def fold_bars(values: list[float], metric: str, reference: float | None = None) 
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per fold")
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(bins: dict, ece: float, title: str) -> Figure:
+    """Accuracy against confidence per bin (bars) beside the diagonal of perfect calibration,
+    with the share of images in each bin underneath."""
+    edges = np.asarray(bins["edges"])
+    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    accuracy = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float))
+    counts = np.asarray(bins["count"])
+    fig = Figure(figsize=(5, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(centres, accuracy, width=width, edgecolor="black", alpha=0.8, label="accuracy")
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.set_title(f"{title} (ECE {ece:.3f})")
+    top.legend(loc="upper left")
+    bottom.bar(centres, counts / max(counts.sum(), 1), width=width, color="tab:grey")
+    bottom.set_xlabel("confidence (probability of the predicted class)")
+    bottom.set_ylabel("share")
+    bottom.set_xlim(0, 1)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_sheet(images: list[np.ndarray], table: pd.DataFrame, title: str) -> Figure:
+    """The worst misclassified images (rows of metrics.misclassified, in order) with true /
+    predicted / p(predicted) / p(true) under each."""
+    captions = [
+        f"true {row.true} / pred {row.predicted}\np(pred) {row.p_predicted:.2f}, "
+        f"p(true) {row.p_true:.2f}"
+        for row in table.itertuples()
+    ]
+    return contact_sheet(images, captions, title)
+
+
+def contact_sheet(images: list[np.ndarray], captions: list[str], title: str) -> Figure:
+    """A grid of images, each with its caption underneath (e.g. true / predicted / p)."""
+    count = max(1, len(images))
+    columns = min(8, count)
+    rows = -(-count // columns)
+    fig = Figure(figsize=(1.9 * columns, 2.2 * rows + 0.4))
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, caption in zip(axes, images, captions, strict=False):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        ax.set_title(caption, fontsize=7)
+    if not images:
+        axes[0].text(0.5, 0.5, "no misclassified image", ha="center", va="center")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

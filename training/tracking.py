@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 from matplotlib import pyplot as plt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
@@ -202,6 +204,17 @@ class RunTracker:
         """One batched call per step (one call per value is ~7x slower on SQLite)."""
         if metrics:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_description(self, text: str) -> None:
+        """The run's description in the MLflow UI (its note)."""
+        mlflow.set_tag(NOTE_TAG, text)
+
+    def log_figure_image(self, figure: Figure, key: str, step: int) -> None:
+        """A figure as an MLflow image under `key` at `step`: the UI's chart view shows such
+        images side by side across runs, with a slider over steps."""
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        mlflow.log_image(np.asarray(canvas.buffer_rgba())[..., :3].copy(), key=key, step=step)
 
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
         mlflow.log_figure(figure, artifact_file)

@@ -7,6 +7,7 @@ import sys
 from training.cli import run_entry_point
 from training.config import TrainConfig, config_to_dict
 from training.data import load_labelled_images
+from training.names import job_run_name
 from training.pipeline import TrainOutcome, execute, plan_training
 from training.splits import holdout_split
 from training.tracking import RunTracker
@@ -31,7 +32,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> TrainOutcome:
     val_mask = holdout_split(data.label_names, data.groups, cfg.val_fraction, cfg.seed)
     plan = plan_training(cfg, data, val_mask)
     params = config_to_dict(cfg)
-    with RunTracker(cfg.experiment_name, cfg.run_name or None, params=params) as tracker:
+    name = cfg.run_name or job_run_name("train", cfg.data, cfg.model)
+    with RunTracker(cfg.experiment_name, name, params=params) as tracker:
         return execute(plan, tracker, progress=progress)
 
 

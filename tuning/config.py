@@ -27,6 +27,7 @@ class TuneConfig(TrainConfig):
     n_jobs: int = 1  # trials run in parallel threads of this process
     search_space: str = ""  # YAML file overriding the default ranges (tuning/space.py)
     best_config: str = ""  # where to write the best config; '' = mlruns/best_config_<study>.yaml
+    trial_plots: bool = False  # each trial run also logs plots, error gallery, confusion images
 
     def __post_init__(self) -> None:
         super().__post_init__()

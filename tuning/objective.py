@@ -11,6 +11,7 @@ import optuna
 from training.config import TrainConfig, config_to_dict, config_to_yaml, train_config_from
 from training.data import LabelledImages
 from training.fit import DivergedError
+from training.names import trial_run_name
 from training.pipeline import execute, plan_training
 from training.splits import assign_folds, holdout_split
 from training.tracking import RunTracker, set_run_tags
@@ -31,6 +32,7 @@ class Objective:
         self.space = space
         self.data = data
         self.cv = cfg.cv
+        self.figures = cfg.trial_plots
         self.study_name = cfg.study_name
         self.parent_run_id: str | None = None
         self.trial_numbers: list[int] = []  # trials of this process (list.append is atomic)
@@ -47,7 +49,9 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         self.trial_numbers.append(trial.number)
         cfg = dataclasses.replace(
-            self.base, **suggest(trial, self.space, self.base), run_name=f"trial-{trial.number}"
+            self.base,
+            **suggest(trial, self.space, self.base),
+            run_name=trial_run_name(trial.number),
         )
         tracker = RunTracker(
             cfg.experiment_name,
@@ -83,7 +87,7 @@ class Objective:
         with tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             last_step = cfg.stage1_epochs + cfg.stage2_epochs - 1
-            outcome = _execute(plan, tracker, _pruning_callback(trial, last_step))
+            outcome = _execute(plan, tracker, self.figures, _pruning_callback(trial, last_step))
             value = outcome.best[METRIC]
             tracker.log_metrics({"trial_value": value})
         return value
@@ -97,7 +101,7 @@ class Objective:
             tracker.set_tags({"job": "tune-trial-cv"})
             tracker.log_text(config_to_yaml(cfg), "config.yaml")
             for fold in range(self.cv):
-                fold_cfg = dataclasses.replace(cfg, run_name=f"{cfg.run_name}-fold-{fold}")
+                fold_cfg = dataclasses.replace(cfg, run_name=trial_run_name(trial.number, fold))
                 plan = plan_training(fold_cfg, self.data, self.fold_of == fold)
                 with RunTracker(
                     cfg.experiment_name,
@@ -106,9 +110,9 @@ class Objective:
                     tags=self._tags(trial, fold=fold),
                     finish_on=(optuna.TrialPruned,),
                 ) as fold_run:
-                    outcome = _execute(plan, fold_run)
+                    outcome = _execute(plan, fold_run, self.figures)
                 scores.append(outcome.best[METRIC])
-                tracker.log_metrics({f"fold_{METRIC}": scores[-1]}, step=fold)
+                tracker.log_metrics({f"cv/{METRIC}": scores[-1]}, step=fold)  # a curve over folds
                 trial.report(scores[-1], fold)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after fold {fold}")
@@ -117,11 +121,11 @@ class Objective:
         return value
 
 
-def _execute(plan, tracker: RunTracker, on_epoch=None):
+def _execute(plan, tracker: RunTracker, figures: bool, on_epoch=None):
     """Fit through the `train` pipeline; a diverged fit is pruned (the run says why), so the
     study goes on and the sampler still learns from the trial."""
     try:
-        return execute(plan, tracker, on_epoch=on_epoch, progress=False)
+        return execute(plan, tracker, on_epoch=on_epoch, progress=False, figures=figures)
     except DivergedError as err:
         tracker.set_tags({"diverged": str(err)})
         raise optuna.TrialPruned(f"diverged: {err}") from err

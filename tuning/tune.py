@@ -55,7 +55,7 @@ def run(cfg: TuneConfig) -> TuneSummary:
     )
     if cfg.pruner.startswith("wilcoxon") and not cfg.cv:
         log.info("wilcoxon pruner with cv=0: its paired test runs over epochs, not folds")
-    run_name = cfg.run_name or f"tune-{cfg.study_name}"
+    run_name = cfg.run_name or f"tune {cfg.study_name}"
     params = study_params(cfg, space)
     with RunTracker(cfg.experiment_name, run_name=run_name, params=params) as parent:
         parent.set_tags({"job": "tune", "optuna_study": cfg.study_name})
