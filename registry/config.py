@@ -1,4 +1,5 @@
-"""Frozen configs of the registry entry points (promote, predict, onnx_export) and their checks."""
+"""Frozen configs of the registry entry points (promote, predict, onnx_export, explain) and their
+checks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from training.config import ConfigError
 
 DIRECTIONS = ("auto", "max", "min")
 FORMATS = ("csv", "submission")
+EXPLAIN_TARGETS = ("predicted", "true", "both")
 _ALIAS = re.compile(r"^[\w\-]{1,255}$")
 _VERSION_ALIAS = re.compile(r"^[vV]\d+$")  # MLflow reserves these (and 'latest') for versions
 
@@ -122,6 +124,45 @@ class OnnxExportConfig:
             _check_alias(self.alias)
         _require(bool(self.output), "output", self.output, "a folder path")
         _require(self.opset >= 17, "opset", self.opset, "an integer >= 17")
+
+    @property
+    def resolved_model_uri(self) -> str:
+        return self.model_uri or f"models:/{self.model_name}@{self.alias}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainConfig:
+    """Grad-CAM heatmaps of a model (or the members of an ensemble) on some images, logged."""
+
+    model_uri: str = ""  # models:/m-<id>, models:/<name>/<version>, ...; empty = name@alias
+    model_name: str = "image-classifier"
+    alias: str = "champion"
+    data: str = "data/demo/test"  # folder (flat or class sub-folders), CSV of paths, or one image
+    max_images: int = 16  # images explained (a seeded sample when there are more)
+    target: str = "predicted"  # class the heatmap explains: predicted | true | both
+    deletion_fraction: float = 0.2  # share of pixels the deletion check masks
+    seed: int = 0  # image sample and random masks
+    path_column: str = "path"  # CSV input: image path column
+    label_column: str = "label"  # CSV input: true label column, if present
+    experiment_name: str = "image-classifier"  # where the job=explain run is logged
+    run_name: str = ""
+    config: str = ""  # YAML file of parameter values (explicit flags win)
+
+    def __post_init__(self) -> None:
+        if not self.model_uri:
+            _check_model_name("model_name", self.model_name)
+            _check_alias(self.alias)
+        _require(bool(self.data), "data", self.data, "a folder, CSV or image path")
+        _require(self.max_images >= 1, "max_images", self.max_images, "an integer >= 1")
+        _require(self.target in EXPLAIN_TARGETS, "target", self.target, f"one of {EXPLAIN_TARGETS}")
+        _require(
+            0 < self.deletion_fraction < 1,
+            "deletion_fraction",
+            self.deletion_fraction,
+            "a number in (0, 1)",
+        )
+        _require(bool(self.path_column), "path_column", self.path_column, "a column name")
+        _require(bool(self.experiment_name), "experiment_name", self.experiment_name, "a name")
 
     @property
     def resolved_model_uri(self) -> str:

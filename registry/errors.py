@@ -9,3 +9,7 @@ class PromoteError(ValueError):
 
 class PredictError(ValueError):
     """The model or the input data of a predict job cannot be used; names which."""
+
+
+class ExplainError(ValueError):
+    """The model or the images of an explain job cannot be used; names which."""

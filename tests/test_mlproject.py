@@ -12,7 +12,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # when run as a script
 
-from registry.config import OnnxExportConfig, PredictConfig, PromoteConfig  # noqa: E402
+from registry.config import (  # noqa: E402
+    ExplainConfig,
+    OnnxExportConfig,
+    PredictConfig,
+    PromoteConfig,
+)
 from training.config import TrainConfig  # noqa: E402
 from training.demo_data import DemoDataConfig  # noqa: E402
 from training.kfold import KFoldConfig  # noqa: E402
@@ -28,6 +33,7 @@ ENTRY_POINTS = [
     ("promote", "registry.promote", PromoteConfig),
     ("predict", "registry.predict", PredictConfig),
     ("onnx_export", "registry.onnx_export", OnnxExportConfig),
+    ("explain", "registry.explain", ExplainConfig),
 ]
 
 

@@ -26,12 +26,14 @@ from conftest import TINY
 from PIL import Image, ImageOps
 from sklearn.metrics import f1_score
 
+from registry import explain as explain_job
 from registry import onnx_export, predict
 from registry import promote as promote_job
-from registry.config import OnnxExportConfig, PredictConfig, PromoteConfig
+from registry.config import ExplainConfig, OnnxExportConfig, PredictConfig, PromoteConfig
 from registry.ensemble import FORWARD_BATCH
 from registry.images import Preprocessing, member_batch
 from registry.tta import MAX_VIEWS, tta_views
+from training import gradcam
 from training.data import decode_image
 from training.fold_runs import latest_finished_fold_runs
 from training.kfold import KFoldConfig, prepare_job, run_kfold, train_fold
@@ -536,6 +538,26 @@ def test_onnx_ensemble_reproduces_the_pyfunc_with_tta(reg, digits_dir, tmp_path)
         # down, a missed flip) moves them by only 3e-4 to 6e-4.
         assert np.abs(probs - expected).max() < 1e-6, method
         assert [names[i] for i in labels] == out["label"].tolist(), method
+
+
+def test_explain_champion_ensemble_averages_its_members(reg, digits_dir, tmp_path):
+    cfg = ExplainConfig(
+        model_name=MODEL, data=str(digits_dir), max_images=3, experiment_name="tests"
+    )
+    outcome = explain_job.run(cfg)
+    run = mlflow.get_run(outcome.run_id)
+    assert run.data.tags["job"] == "explain" and run.data.params["members"] == "2"
+    assert run.data.params["model_version"] == _champion(reg.client)
+    assert 0 <= run.data.metrics["deletion_check_fraction"] <= 1
+    # The ensemble's heatmap is the mean of its members' heatmaps for the ensemble's class.
+    loaded = explain_job.load_explainable(cfg.resolved_model_uri, tmp_path)
+    images = [decode_image(p, 32) for p in outcome.table["path"]]
+    joint = gradcam.explain(loaded.members, images)
+    own = [gradcam.member_heatmaps(m, images, joint.classes)[0] for m in loaded.members]
+    for row, heat in enumerate(joint.heatmaps):
+        mean = (own[0][row] + own[1][row]) / 2
+        expected = (mean - mean.min()) / (mean.max() - mean.min())
+        np.testing.assert_allclose(heat, expected, atol=1e-5)
 
 
 def _free_port() -> int:

@@ -221,6 +221,10 @@ class RunTracker:
         if plt.fignum_exists(getattr(figure, "number", -1)):  # made by pyplot (e.g. Optuna's)
             plt.close(figure)
 
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        """A uint8 HxW(x3) array (or PIL image) as a PNG artifact."""
+        mlflow.log_image(image, artifact_file=artifact_file)
+
     def log_dict(self, data: dict | list, artifact_file: str) -> None:
         mlflow.log_dict(data, artifact_file)
 
