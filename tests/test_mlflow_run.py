@@ -125,7 +125,9 @@ def test_the_top_of_a_job_holds_the_values_that_ran(workspace):
     assert job["params.model"] == "test_efficientnet" and job["params.seed"] == "42"
     assert job["params.dropout"] == "0.3"  # given explicitly, equal to the default
     assert job["params.class_weights_resolved"].startswith("none (balanced_sampling=true")
-    assert not pd.isna(job["metrics.best_val_f1_macro"]) and not pd.isna(job["metrics.val/f1_macro"])
+    assert not pd.isna(job["metrics.best_val_f1_macro"]) and not pd.isna(
+        job["metrics.val/f1_macro"]
+    )
     # The launcher keeps the command line as typed: '' for what was not given.
     assert train_launcher["params.seed"] == "''" and train_launcher["params.model"] == (
         "test_efficientnet"

@@ -94,6 +94,8 @@ def test_metrics_per_epoch_with_stage(finished_run):
         "best_val_recall_macro",
         "best_val_ece",
         "skipped_images",
+        "near_duplicate_pairs",
+        "near_duplicates_across_split",
     }
     assert {"best_step", "best_stage", "best_epoch"} <= set(run.data.params)
 
@@ -236,7 +238,7 @@ def test_val_predictions_match_the_logged_model(finished_run, digits_dir):
 
 
 def test_a_run_that_raises_ends_failed(tracking, tiny_config):
-    from training.train import load_data
+    from training.job_data import load_job_data as load_data
 
     data = load_data(tiny_config)
     plan = plan_training(tiny_config, data, holdout_split(data.labels, None, 0.2, 0))

@@ -14,6 +14,7 @@ OPTIMIZERS = ("adam", "adamw", "adamp", "sgd", "momentum")
 SCHEDULERS = ("plateau", "cosine", "none")
 LOSSES = ("cross_entropy", "label_smoothing", "focal")
 AUGMENTS = ("base", "random", "facecrop", "none")
+NEAR_DUPLICATES = ("group", "report", "off")
 MONITORS = {"val_f1_macro": "max", "val_accuracy": "max", "val_loss": "min"}
 PRETRAINED_KEYWORDS = ("hub", "none", "lite0-pypi")
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,6 +56,9 @@ class TrainConfig:
     group_column: str = ""  # CSV manifest: group column (e.g. person id); empty = none
     augment: str = "base"  # base | random (RandAugment-style) | facecrop | none
     balanced_sampling: bool = False  # sample batches class-balanced
+    near_duplicates: str = "group"  # group (no near-copy pair split apart) | report | off
+    duplicate_threshold: float = 0.99  # near-duplicate score (aligned NCC, 1 = same picture)
+    explain_misclassified: int = 4  # Grad-CAM overlays of this many wrong val images; 0 = off
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0  # DataLoader workers
@@ -128,6 +132,24 @@ def validate_train_fields(cfg: TrainConfig) -> None:
     _require(0 < cfg.val_fraction < 1, "val_fraction", cfg.val_fraction, "a number in (0, 1)")
     _require(bool(cfg.label_column), "label_column", cfg.label_column, "a column name")
     _require(cfg.augment in AUGMENTS, "augment", cfg.augment, f"one of {AUGMENTS}")
+    _require(
+        cfg.near_duplicates in NEAR_DUPLICATES,
+        "near_duplicates",
+        cfg.near_duplicates,
+        f"one of {NEAR_DUPLICATES}",
+    )
+    _require(
+        0 < cfg.duplicate_threshold <= 1,
+        "duplicate_threshold",
+        cfg.duplicate_threshold,
+        "a number in (0, 1]",
+    )
+    _require(
+        cfg.explain_misclassified >= 0,
+        "explain_misclassified",
+        cfg.explain_misclassified,
+        "an integer >= 0",
+    )
     _require(cfg.device in DEVICES, "device", cfg.device, f"one of {DEVICES}")
     _require(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "an integer >= 0")
 

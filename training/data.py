@@ -33,10 +33,18 @@ class LabelledImages:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     digest: str = ""
     source: str = ""
+    duplicate_pairs: pd.DataFrame | None = None  # near-duplicate check; None = not run
+    duplicate_groups: np.ndarray | None = None  # groups that keep near-copies together
 
     @property
     def labels(self) -> np.ndarray:
         return self.table["label_index"].to_numpy()
+
+    @property
+    def split_groups(self) -> np.ndarray | None:
+        """What every split and fold keeps whole: the explicit groups merged with the
+        near-duplicate groups when those are on, else the explicit groups (or None)."""
+        return self.duplicate_groups if self.duplicate_groups is not None else self.groups
 
     @property
     def label_names(self) -> np.ndarray:

@@ -15,9 +15,10 @@ from training.cli import run_entry_point
 from training.config import ConfigError, TrainConfig, config_to_dict, train_config_from
 from training.data import LabelledImages
 from training.fold_runs import latest_finished_fold_runs
+from training.job_data import load_job_data
 from training.kfold_summary import summarise_folds
 from training.names import fold_run_name, job_run_name
-from training.pipeline import execute, plan_training
+from training.pipeline import execute, log_near_duplicates, plan_training
 from training.run_results import GALLERY_SIZE
 from training.splits import assign_folds
 from training.tracking import (
@@ -28,7 +29,6 @@ from training.tracking import (
     set_run_status,
     set_run_tags,
 )
-from training.train import load_data
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ class KFoldOutcome:
 def prepare_job(cfg: KFoldConfig) -> KFoldJob:
     """Load data and assign folds; clear errors (too many folds for a class) come from here."""
     unit = "groups" if cfg.group_column else "images"
-    data = load_data(cfg, min_per_class=2, reason="k-fold")
-    fold_of = assign_folds(data.labels, data.groups, cfg.folds, cfg.seed)
+    data = load_job_data(cfg, min_per_class=2, reason="k-fold")
+    fold_of = assign_folds(data.labels, data.split_groups, cfg.folds, cfg.seed)
     log.info("%d %s in %d folds: %s", len(data), unit, cfg.folds, np.bincount(fold_of).tolist())
     return KFoldJob(cfg, data, fold_of)
 
@@ -245,6 +245,7 @@ def run_kfold(cfg: KFoldConfig) -> KFoldOutcome:
     with _open_parent(job) as parent:
         if not cfg.parent_run_id:
             parent.log_csv(job.folds_table(), "folds.csv")
+            log_near_duplicates(parent, job.data, job.fold_of)
             parent.set_tags({"kfold_state": "prepared"})
         if cfg.prepare_only:
             parent.end_status = "SCHEDULED"  # waiting for its folds, not finished

@@ -14,6 +14,7 @@ from training.config import TrainConfig, config_to_dict, config_to_yaml
 from training.data import LabelledImages
 from training.engine import ImageArrayDataset, make_loader, pick_device
 from training.fit import fit
+from training.leakage import describe_pairs, leakage_metrics
 from training.losses import create_loss, resolve_class_weights
 from training.metric_keys import epoch_metrics
 from training.model import Classifier, ModelInfo, create_classifier
@@ -85,6 +86,16 @@ def _no_weights_reason(cfg: TrainConfig) -> str:
     return "none"
 
 
+def log_near_duplicates(tracker: RunTracker, data: LabelledImages, side: np.ndarray) -> None:
+    """The job's near-duplicate pairs (found once, before any split) and how many of them
+    this run's split puts on two sides: metrics and data/near_duplicates.csv."""
+    if data.duplicate_pairs is None:
+        return
+    tracker.log_metrics(leakage_metrics(data.duplicate_pairs, side))
+    table = describe_pairs(data.duplicate_pairs, data.table, side)
+    tracker.log_csv(table, "data/near_duplicates.csv")
+
+
 def split_table(data: LabelledImages, val_mask: np.ndarray) -> pd.DataFrame:
     table = data.table[["path", "label", "group"]].copy()
     table["split"] = np.where(val_mask, "val", "train")
@@ -139,6 +150,7 @@ def execute(
     tracker.log_csv(splits, "data/split.csv")
     tracker.log_dataset(splits, data.source, "images", "training", data.digest)
     tracker.log_metrics({"skipped_images": len(data.skipped)})
+    log_near_duplicates(tracker, data, np.where(plan.val_mask, "val", "train"))
     if data.skipped:
         skipped = pd.DataFrame(data.skipped, columns=["path", "reason"])
         tracker.log_csv(skipped, "data/skipped_images.csv")

@@ -16,6 +16,7 @@ from training import plots
 from training.checkpoints import save_checkpoint
 from training.config import config_to_dict
 from training.fit import FitResult
+from training.gradcam import ExplainedModel, misclassified_figure
 from training.metric_keys import summary_metrics
 from training.metrics import (
     confusion,
@@ -87,12 +88,29 @@ def log_evaluation(tracker: RunTracker, plan, result: FitResult, figures: bool) 
     tracker.log_figure(
         plots.reliability_diagram(bins, ece, "validation reliability"), "plots/reliability.png"
     )
+    log_gradcam(tracker, plan, result)
     worst = wrong.head(GALLERY_SIZE)
     images = [plan.data.images[plan.val_indices[i]] for i in worst.index]
     tracker.log_figure(
         plots.misclassified_sheet(images, worst, f"worst {len(worst)} of {len(wrong)} wrong"),
         "evaluation/misclassified.png",
     )
+
+
+def log_gradcam(tracker: RunTracker, plan, result: FitResult) -> None:
+    """Grad-CAM of the predicted and the true class on the most confidently misclassified
+    validation images (`explain_misclassified` of them; 0 = off)."""
+    count = plan.cfg.explain_misclassified
+    if count <= 0:
+        return
+    info = plan.model_info
+    member = ExplainedModel(plan.model, plan.cfg.image_size, info.mean, info.std)
+    images = [plan.data.images[i] for i in plan.val_indices]
+    figure = misclassified_figure(
+        member, images, result.val_targets, plan.data.class_names, count, result.val_probs
+    )
+    if figure is not None:
+        tracker.log_figure(figure, "evaluation/misclassified_gradcam.png")
 
 
 def log_checkpoints(tracker: RunTracker, plan, result: FitResult, meta: dict) -> None:

@@ -6,30 +6,17 @@ import sys
 
 from training.cli import run_entry_point
 from training.config import TrainConfig, config_to_dict
-from training.data import load_labelled_images
+from training.job_data import load_job_data
 from training.names import job_run_name
 from training.pipeline import TrainOutcome, execute, plan_training
 from training.splits import holdout_split
 from training.tracking import RunTracker
 
 
-def load_data(cfg: TrainConfig, min_per_class: int = 2, reason: str = "a stratified split"):
-    return load_labelled_images(
-        cfg.data,
-        cfg.image_size,
-        cfg.path_column,
-        cfg.label_column,
-        cfg.group_column,
-        face_crop=cfg.augment == "facecrop",
-        min_per_class=min_per_class,
-        split_reason=reason,
-    )
-
-
 def run(cfg: TrainConfig, progress: bool = True) -> TrainOutcome:
     """Validate everything, then create the run and train; bad input fails before the run."""
-    data = load_data(cfg)
-    val_mask = holdout_split(data.label_names, data.groups, cfg.val_fraction, cfg.seed)
+    data = load_job_data(cfg)
+    val_mask = holdout_split(data.label_names, data.split_groups, cfg.val_fraction, cfg.seed)
     plan = plan_training(cfg, data, val_mask)
     params = config_to_dict(cfg)
     name = cfg.run_name or job_run_name("train", cfg.data, cfg.model)

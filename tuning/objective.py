@@ -37,9 +37,11 @@ class Objective:
         self.parent_run_id: str | None = None
         self.trial_numbers: list[int] = []  # trials of this process (list.append is atomic)
         if self.cv:
-            self.fold_of = assign_folds(data.labels, data.groups, self.cv, cfg.seed)
+            self.fold_of = assign_folds(data.labels, data.split_groups, self.cv, cfg.seed)
         else:
-            self.val_mask = holdout_split(data.label_names, data.groups, cfg.val_fraction, cfg.seed)
+            self.val_mask = holdout_split(
+                data.label_names, data.split_groups, cfg.val_fraction, cfg.seed
+            )
 
     def preflight(self) -> None:
         """Plan once with the base config: weights and class-weight errors surface before any

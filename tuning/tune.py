@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import torch
 
 from training.cli import run_entry_point
+from training.job_data import load_job_data
 from training.tracking import RunTracker, configure_tracking
-from training.train import load_data
 from tuning.config import TuneConfig
 from tuning.objective import Objective
 from tuning.results import TuneSummary, log_study_results, study_params
@@ -37,9 +37,9 @@ def run(cfg: TuneConfig) -> TuneSummary:
     """Validate data, weights and storage first; then add `n_trials` trials to the study."""
     space = load_space(cfg.search_space)
     if cfg.cv:
-        data = load_data(cfg, cfg.cv, f"{cfg.cv}-fold cross-validation")
+        data = load_job_data(cfg, cfg.cv, f"{cfg.cv}-fold cross-validation")
     else:
-        data = load_data(cfg)
+        data = load_job_data(cfg)
     objective = Objective(cfg, space, data)
     objective.preflight()
     configure_tracking()
