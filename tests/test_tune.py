@@ -32,6 +32,7 @@ from tuning.study import (
     mask_url,
     open_study,
     pruner_options,
+    watching_stale_trials,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -481,3 +482,25 @@ def test_study_trials_stops_a_worker_once_the_study_holds_that_many(tracking, di
     assert tune.main([*argv, "--n_trials", "5", "--study_trials", "2"]) == 0
     study = optuna.load_study(study_name="tune", storage="sqlite:///mlruns/optuna.db")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # ask() here
+def test_a_running_worker_fails_a_dead_workers_trial_between_its_own_trials(tmp_path):
+    """Optuna looks for stale trials only when a worker starts a trial; the watcher looks
+    every heartbeat, so a long trial elsewhere does not keep a dead one RUNNING."""
+    storage = create_storage(f"sqlite:///{tmp_path / 'stale.db'}", heartbeat_seconds=1)
+    study = optuna.create_study(storage=storage, study_name="stale")
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.record_heartbeat(dead._trial_id)  # its one and last heartbeat
+
+    def state():
+        return study.get_trials(deepcopy=False)[dead.number].state.name
+
+    deadline = time.monotonic() + 60
+    with watching_stale_trials(study, every_seconds=1):
+        while state() == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.2)  # this worker is busy with its own trial meanwhile
+    assert state() == "FAIL"
+    retry = study.get_trials(deepcopy=False)[-1]
+    assert retry.state.name == "WAITING" and retry.system_attrs["failed_trial"] == dead.number
+    assert retry.params == dead.params
