@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_EXPERIMENT ?= demo
 
-.PHONY: install demo test lint bench ui clean
+.PHONY: install demo test lint bench ui server server-stop clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,15 @@ bench: install
 
 ui: install
 	mlflow ui -h 127.0.0.1 -p 5000  # MLflow's default store: ./mlflow.db, artifacts in ./mlruns
+
+# One tracking server for a team (README "Team set-up"): PostgreSQL + `mlflow server` with
+# proxied artifacts, state in ./.server; prints the exports (also in .server/env).
+# Options: make server SERVER_FLAGS="--port 5050 --pg_port 5433 --workers 2 --threads 4"
+server: install
+	$(PYTHON) -m server start $(SERVER_FLAGS)
+
+server-stop:
+	$(PYTHON) -m server stop $(SERVER_FLAGS)
 
 clean:
 	rm -rf data/demo mlflow.db mlruns/*.db mlruns/[0-9]* mlruns/*.yaml outputs

@@ -1,4 +1,5 @@
-"""Shared fixtures: real digit PNGs, a private MLflow SQLite store, tiny training configs."""
+"""Shared fixtures: real digit PNGs, a private MLflow SQLite store, tiny training configs, and
+one real team server (PostgreSQL + `mlflow server`) per test session."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from servers import TeamServer, postgres_missing, start_team_server
 from sklearn.datasets import load_digits
 
 from training.config import TrainConfig
@@ -79,11 +81,24 @@ def tracking(tmp_path, monkeypatch, migrated_store) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)  # a developer's `make server` shell
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def team_server() -> TeamServer:
+    """One PostgreSQL cluster and one `mlflow server` (1 worker, 2 threads: a small, known
+    connection cap) for the whole session, in a temporary folder; stopped at the end."""
+    missing = postgres_missing()
+    if missing:
+        pytest.skip(f"PostgreSQL binaries not installed: {missing}")
+    server = start_team_server(workers=1, threads=2)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from tuning.study import (
     mask_url,
     open_study,
     pruner_options,
+    watching_stale_trials,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +261,7 @@ KILLED_WORKER = textwrap.dedent(
     study = open_study(sys.argv[1], "crash", sampler, pruner, heartbeat_seconds=1)
 
     def objective(trial):
+        trial.suggest_float("x", 0, 1)
         if trial.number == 0:
             return 0.5
         with RunTracker("tests", run_name="worker") as parent:
@@ -286,7 +288,11 @@ def test_a_killed_workers_trial_ends_failed_and_nothing_else_is_lost(tracking, t
 
     sampler, pruner = TrialSeededTPESampler(0), create_pruner("none")
     study = open_study(url, "crash", sampler, pruner, heartbeat_seconds=1)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    # The dead trial is failed and its parameters queued once more, marked as its retry.
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "WAITING"]
+    failed, retry = study.trials[1:]
+    assert retry.params == failed.params == {"x": failed.params["x"]}
+    assert retry.system_attrs["failed_trial"] == 1
     assert study.best_value == 0.5
     runs = all_runs().set_index("tags.mlflow.runName")
     assert runs.loc["trial-1", "status"] == "FAILED"
@@ -304,6 +310,9 @@ def test_a_killed_workers_trial_ends_failed_and_nothing_else_is_lost(tracking, t
         ("--n_jobs", "0", "n_jobs"),
         ("--timeout", "-5", "timeout"),
         ("--storage", "optuna.db", "storage"),
+        ("--study_trials", "-1", "study_trials"),
+        ("--heartbeat_seconds", "0", "heartbeat_seconds"),
+        ("--heartbeat_grace_seconds", "30", "heartbeat_grace_seconds"),
         ("--storage", "nosuchdb://user:secret@host/db", "storage"),
         ("--search_space", "missing.yaml", "search_space"),
         ("--stage2_lr", "-1", "stage2_lr"),
@@ -447,3 +456,62 @@ def test_the_pruner_judges_every_epoch_but_the_last():
     _pruning_callback(last, last_step=1)({"step": 1, METRIC: 0.5})  # stopping here saves nothing
     assert last.should_prune()  # the pruner would have; the callback did not ask
     assert study.trials[-1].intermediate_values == {1: 0.5}
+
+
+def test_an_empty_storage_means_the_team_servers_database_when_it_runs(
+    tracking, digits_dir, tmp_path, monkeypatch
+):
+    """OPTUNA_STORAGE (written by `python -m server start`) replaces the SQLite default;
+    an explicit `storage` still wins."""
+    team = f"sqlite:///{tmp_path / 'team-optuna.db'}"
+    monkeypatch.setenv("OPTUNA_STORAGE", team)
+    argv = tiny_argv(digits_dir, "--n_trials", "1", "--pruner", "none", "--stage2_epochs", "0")
+    assert tune.main([*argv, "--study_name", "team"]) == 0
+    assert len(optuna.load_study(study_name="team", storage=team).trials) == 1
+    assert not Path("mlruns/optuna.db").exists()
+    parent = all_runs().query("`tags.job` == 'tune'")
+    assert parent["params.storage_url"].item() == team
+    assert parent["params.storage"].item() == ""
+
+    mine = f"sqlite:///{tmp_path / 'mine.db'}"
+    assert tune.main([*argv, "--study_name", "team", "--storage", mine]) == 0
+    assert len(optuna.load_study(study_name="team", storage=mine).trials) == 1
+    assert len(optuna.load_study(study_name="team", storage=team).trials) == 1
+
+
+def test_study_trials_stops_a_worker_once_the_study_holds_that_many(tracking, digits_dir):
+    argv = tiny_argv(digits_dir, "--pruner", "none", "--stage2_epochs", "0")
+    assert tune.main([*argv, "--n_trials", "1"]) == 0
+    assert tune.main([*argv, "--n_trials", "5", "--study_trials", "2"]) == 0  # adds just one
+    assert tune.main([*argv, "--n_trials", "5", "--study_trials", "2"]) == 0  # adds none
+    study = optuna.load_study(study_name="tune", storage="sqlite:///mlruns/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    parents = all_runs().query("`tags.job` == 'tune'")
+    assert sorted(parents["metrics.trials_this_run"]) == [0, 1, 1]
+    # A queued trial (e.g. a dead worker's, queued for its retry) still runs in a full study.
+    study.enqueue_trial(study.trials[1].params)
+    assert tune.main([*argv, "--n_trials", "5", "--study_trials", "2"]) == 0
+    study = optuna.load_study(study_name="tune", storage="sqlite:///mlruns/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # ask() here
+def test_a_running_worker_fails_a_dead_workers_trial_between_its_own_trials(tmp_path):
+    """Optuna looks for stale trials only when a worker starts a trial; the watcher looks
+    every heartbeat, so a long trial elsewhere does not keep a dead one RUNNING."""
+    storage = create_storage(f"sqlite:///{tmp_path / 'stale.db'}", heartbeat_seconds=1)
+    study = optuna.create_study(storage=storage, study_name="stale")
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.record_heartbeat(dead._trial_id)  # its one and last heartbeat
+
+    def state():
+        return study.get_trials(deepcopy=False)[dead.number].state.name
+
+    deadline = time.monotonic() + 60
+    with watching_stale_trials(study, every_seconds=1):
+        while state() == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.2)  # this worker is busy with its own trial meanwhile
+    assert state() == "FAIL"
+    retry = study.get_trials(deepcopy=False)[-1]
+    assert retry.state.name == "WAITING" and retry.system_attrs["failed_trial"] == dead.number
+    assert retry.params == dead.params

@@ -6,9 +6,12 @@ import dataclasses
 
 from training.config import ConfigError, TrainConfig
 from tuning.space import load_space
-from tuning.study import create_pruner
+from tuning.study import GRACE_SECONDS, HEARTBEAT_SECONDS, create_pruner
 
-STORAGE_HINT = "'' (sqlite under mlruns/), a database URL (scheme://...) or a journal file *.log"
+STORAGE_HINT = (
+    "'' ($OPTUNA_STORAGE, else sqlite under mlruns/), a database URL (scheme://...) "
+    "or a journal file *.log"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,15 +19,21 @@ class TuneConfig(TrainConfig):
     """A `train` config as the base of every trial, and how to search around it."""
 
     n_trials: int = 12  # trials this invocation adds to the study (per worker process)
+    study_trials: int = 0  # stop once the study holds this many complete or pruned trials,
+    # whichever worker ran them (a dead worker's share is made up); 0 = no study-wide limit
     timeout: int = 0  # seconds this invocation may start new trials for; 0 = no limit
     study_name: str = "tune"  # re-running with the same name and storage continues the study
-    storage: str = ""  # '' = sqlite:///mlruns/optuna.db; any Optuna URL; *.log = journal file
+    storage: str = ""  # '' = $OPTUNA_STORAGE or sqlite:///mlruns/optuna.db; any Optuna URL;
+    # a path ending in .log = journal file
     sampler_seed: int = 0  # TPESampler seed (trial n's random draws depend on seed and n)
     n_startup_trials: int = 5  # random trials before TPE models the study (Optuna's own is 10)
     enqueue_base: bool = True  # a new study's first trial is the base config's own values
     pruner: str = "median"  # median | wilcoxon | threshold | none, options as name:key=value,...
     cv: int = 0  # 0 = holdout objective; k >= 2 = mean macro F1 over k group-aware folds
     n_jobs: int = 1  # trials run in parallel threads of this process
+    heartbeat_seconds: int = HEARTBEAT_SECONDS  # database storages: a running trial's beat
+    heartbeat_grace_seconds: int = GRACE_SECONDS  # silent this long = dead worker: the trial
+    # is failed (checked every heartbeat) and its parameters run once more
     search_space: str = ""  # YAML file overriding the default ranges (tuning/space.py)
     best_config: str = ""  # where to write the best config; '' = mlruns/best_config_<study>.yaml
     trial_plots: bool = False  # each trial run also logs plots, error gallery, confusion images
@@ -52,6 +61,7 @@ def validate_tune_fields(cfg: TuneConfig) -> None:
     """Check the study's own fields; the pruner is built once and the search space read once
     so that a typo fails here, before any data is loaded or run created."""
     _require(cfg.n_trials >= 1, "n_trials", cfg.n_trials, "an integer >= 1")
+    _require(cfg.study_trials >= 0, "study_trials", cfg.study_trials, "an integer >= 0")
     _require(cfg.timeout >= 0, "timeout", cfg.timeout, "seconds >= 0 (0 = no limit)")
     _require(bool(cfg.study_name.strip()), "study_name", cfg.study_name, "a name")
     storage = cfg.storage
@@ -65,5 +75,10 @@ def validate_tune_fields(cfg: TuneConfig) -> None:
     _require(cfg.n_startup_trials >= 0, "n_startup_trials", cfg.n_startup_trials, "an integer >= 0")
     _require(cfg.cv == 0 or cfg.cv >= 2, "cv", cfg.cv, "0 (holdout) or a number of folds >= 2")
     _require(cfg.n_jobs >= 1, "n_jobs", cfg.n_jobs, "an integer >= 1")
+    beat, grace = cfg.heartbeat_seconds, cfg.heartbeat_grace_seconds
+    _require(beat >= 1, "heartbeat_seconds", beat, "seconds >= 1")
+    # One late beat (a busy database, a long GC pause) must not fail a live worker's trial.
+    expected = f"more than heartbeat_seconds ({beat})"
+    _require(grace > beat, "heartbeat_grace_seconds", grace, expected)
     create_pruner(cfg.pruner)
     load_space(cfg.search_space)

@@ -17,6 +17,7 @@ from training.splits import assign_folds, holdout_split
 from training.tracking import RunTracker, set_run_tags
 from tuning.config import TuneConfig
 from tuning.space import SearchSpace, suggest
+from tuning.study import retried_trial_number
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,15 @@ class Objective:
 
     def _tags(self, trial: optuna.Trial, **extra: object) -> dict[str, str]:
         origin = trial.user_attrs.get("origin", "sampled")  # "base config" when enqueued
+        retried = retried_trial_number(trial)  # a dead worker's trial, run again
+        if retried is not None:
+            origin = f"retry of trial {retried}"
+            extra = {"retry_of_trial": retried, **extra}
         return {
             "optuna_study": self.study_name,
             "trial_number": str(trial.number),
             "trial_origin": origin,
-            **extra,
+            **{key: str(value) for key, value in extra.items()},
         }
 
     def _holdout(self, trial: optuna.Trial, cfg: TrainConfig, tracker: RunTracker) -> float:

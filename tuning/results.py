@@ -17,7 +17,7 @@ from training.tracking import RunTracker
 from tuning import plots
 from tuning.config import TuneConfig
 from tuning.space import SearchSpace
-from tuning.study import DEFAULT_STORAGE, mask_url, pruner_options
+from tuning.study import mask_url, pruner_options, resolve_storage
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def study_params(cfg: TuneConfig, space: SearchSpace) -> dict[str, Any]:
     return {
         **config_to_dict(cfg),
         "storage": mask_url(cfg.storage),
-        "storage_url": mask_url(cfg.storage or DEFAULT_STORAGE),
+        "storage_url": mask_url(resolve_storage(cfg.storage)),
         "sampler": f"TPESampler(seed={cfg.sampler_seed}, n_startup_trials={cfg.n_startup_trials})",
         "pruner_options": pruner_options(cfg.pruner, cfg.pruner_warmup_steps)[1],
         "search_space_json": space,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,7 @@ import numpy as np
 import optuna
 import sqlalchemy
 import yaml
-from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
@@ -24,7 +28,13 @@ from training.tracking import child_runs, get_run, set_run_status, set_run_tags
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-HEARTBEAT_SECONDS = 60  # a trial whose worker stops beating for 2x this long is failed
+STORAGE_VARIABLE = "OPTUNA_STORAGE"  # set by `python -m server start` (its env file)
+# A running trial records a heartbeat every HEARTBEAT_SECONDS; one silent for GRACE_SECONDS
+# belongs to a dead worker, and any running worker fails it within another heartbeat: at
+# most 90 s after a kill (or when the next worker starts, if none runs).
+HEARTBEAT_SECONDS = 30
+GRACE_SECONDS = 60
+MAX_RETRY = 1  # a dead worker's trial is run once more, with the same parameters
 PRUNERS = {
     "median": optuna.pruners.MedianPruner,
     "wilcoxon": optuna.pruners.WilcoxonPruner,  # paired test over folds (steps = folds)
@@ -100,11 +110,20 @@ class TrialSeededTPESampler(optuna.samplers.TPESampler):
         super().before_trial(study, trial)
 
 
-def create_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS):
-    """'' = SQLite under mlruns/; *.log = journal file (parallel processes on one machine or
+def resolve_storage(url: str) -> str:
+    """The storage a study uses: the one given, else $OPTUNA_STORAGE (the team server's
+    database while it runs), else SQLite under mlruns/."""
+    return url or os.environ.get(STORAGE_VARIABLE) or DEFAULT_STORAGE
+
+
+def create_storage(
+    url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS, grace_seconds: int | None = None
+):
+    """See resolve_storage; *.log = journal file (parallel processes on one machine or
     a shared disk); anything else = an RDB URL with heartbeats, so trials of a killed worker
-    end FAIL (Optuna has no heartbeat for journal files)."""
-    url = url or DEFAULT_STORAGE
+    end FAIL and are retried once (Optuna has no heartbeat for journal files).
+    `grace_seconds` defaults to twice the heartbeat."""
+    url = resolve_storage(url)
     try:
         if "://" not in url:
             Path(url).parent.mkdir(parents=True, exist_ok=True)
@@ -112,28 +131,31 @@ def create_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS):
         url = _with_installed_driver(url)
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return _rdb_storage(url, heartbeat_seconds)
+        return _rdb_storage(url, heartbeat_seconds, grace_seconds or 2 * heartbeat_seconds)
     except Exception as err:  # driver missing, bad URL, server down: all a 'storage' problem
         raise ConfigError(f"parameter 'storage': cannot open {mask_url(url)}: {err}") from None
 
 
-def _rdb_storage(url: str, heartbeat_seconds: int, retries: int = 2) -> RDBStorage:
+def _rdb_storage(
+    url: str, heartbeat_seconds: int, grace_seconds: int, retries: int = 3
+) -> RDBStorage:
     def connect() -> RDBStorage:
         with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
                 url,
                 heartbeat_interval=heartbeat_seconds,
-                grace_period=2 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=close_stale_trial_run,
+                grace_period=grace_seconds,
+                heartbeat_stale_trial_callback=handle_stale_trial,
             )
 
     for attempt in range(retries):
         try:
             return connect()
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
             # Workers started together on a fresh database race to create Optuna's tables;
             # the loser finds them made a moment later.
+            log.info("study tables being created by another worker (%s)", type(err).__name__)
             time.sleep(1 + attempt)
     return connect()
 
@@ -154,13 +176,14 @@ def open_study(
     pruner: optuna.pruners.BasePruner,
     first_trial: dict[str, float] | None = None,
     heartbeat_seconds: int = HEARTBEAT_SECONDS,
+    grace_seconds: int | None = None,
 ) -> optuna.Study:
     """Create the study or continue it (same name and storage), then fail stale trials.
 
     `first_trial` is enqueued only by the process that created the study: creation is atomic
     in every Optuna storage, so workers started together never evaluate it twice."""
     options = {"study_name": study_name, "sampler": sampler, "pruner": pruner}
-    opened = create_storage(storage, heartbeat_seconds)
+    opened = create_storage(storage, heartbeat_seconds, grace_seconds)
     try:
         study = optuna.create_study(storage=opened, direction="maximize", **options)
     except optuna.exceptions.DuplicatedStudyError:
@@ -168,10 +191,62 @@ def open_study(
     else:
         if first_trial:
             study.enqueue_trial(first_trial, user_attrs={"origin": "base config"})
-    with warnings.catch_warnings():
+    fail_stale_trials(study)
+    return study
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    return study
+
+
+@contextmanager
+def watching_stale_trials(study: optuna.Study, every_seconds: float) -> Iterator[None]:
+    """Fail stale trials of dead workers every `every_seconds` while the block runs.
+
+    Optuna itself looks only when a worker starts a trial; with trials of many minutes a
+    dead worker's trial would stay RUNNING (and not be retried) that long. Each look is a
+    no-op without heartbeats (journal files)."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_seconds):
+            try:
+                fail_stale_trials(study)
+            except Exception as err:  # noqa: BLE001 - a database hiccup must not end the study
+                log.warning("checking for stale trials failed: %s", err)
+
+    thread = threading.Thread(target=watch, name="stale-trial-watcher", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def handle_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A dead worker's trial, just failed: close its MLflow runs, then queue its parameters
+    once more (Optuna's retry callback; the new trial records which one it retries)."""
+    try:
+        close_stale_trial_run(study, trial)
+    except Exception as err:  # noqa: BLE001 - e.g. the tracking server down: the study goes on
+        log.warning("could not close the MLflow run of stale trial %d: %s", trial.number, err)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def retried_trial_number(trial: optuna.Trial) -> int | None:
+    """The number of the failed trial that `trial` retries (None for a new trial)."""
+    running = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    frozen = next((t for t in running if t.number == trial.number), None)
+    if frozen is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
 
 
 def close_stale_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
