@@ -15,17 +15,20 @@ $(VENV)/.installed: pyproject.toml
 
 RUN := mlflow run . --env-manager local --experiment-name $(DEMO_EXPERIMENT)
 
-# The main job on the bundled demo data (README quickstart, first command): 5-fold training,
-# promotion of the top-3 fold models as the `champion` ensemble, prediction on the held-out
-# test folder.
+# The main job on the bundled demo data (README quickstart, first command): 5-fold training
+# (with the near-duplicate check before the folds), promotion of the top-3 fold models as the
+# `champion` ensemble, prediction on the held-out test folder, Grad-CAM of the champion on a
+# few test images.
 demo: install
 	$(PYTHON) -m training.demo_data --output data/demo
 	$(RUN) -e kfold -P config=configs/demo.yaml
 	$(RUN) -e promote -P top_k=3
 	$(RUN) -e predict -P data=data/demo/test \
 		-P output=outputs/demo_test_predictions.csv
+	$(RUN) -e explain -P data=data/demo/test -P max_images=8 -P target=both
 	@echo "Predictions: outputs/demo_test_predictions.csv"
-	@echo "See it all in the MLflow UI: make ui  (then open http://127.0.0.1:5000)"
+	@echo "See it all in the MLflow UI: make ui, then open"
+	@echo "  http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 
 # The test suite (README quickstart, second command; CI runs it). Exit 5 = no tests collected.
 test: install
@@ -38,8 +41,11 @@ lint: install
 bench: install
 	$(PYTHON) -m bench.run_all
 
+# MLflow's default store (./mlflow.db, artifacts in ./mlruns); the link opens the
+# model-training view (a new browser otherwise starts in the GenAI one).
 ui: install
-	mlflow ui -h 127.0.0.1 -p 5000  # MLflow's default store: ./mlflow.db, artifacts in ./mlruns
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	mlflow ui -h 127.0.0.1 -p 5000
 
 # One tracking server for a team (README "Team set-up"): PostgreSQL + `mlflow server` with
 # proxied artifacts, state in ./.server; prints the exports (also in .server/env).

@@ -144,7 +144,7 @@ class ExplainConfig:
     seed: int = 0  # image sample and random masks
     path_column: str = "path"  # CSV input: image path column
     label_column: str = "label"  # CSV input: true label column, if present
-    experiment_name: str = "image-classifier"  # where the job=explain run is logged
+    experiment_name: str = ""  # where the job=explain run is logged; '' = as for train
     run_name: str = ""
     config: str = ""  # YAML file of parameter values (explicit flags win)
 

@@ -33,6 +33,7 @@ from training.gradcam import (
     overlay,
     overlay_sheet,
 )
+from training.names import data_label
 from training.tracking import RunTracker, configure_tracking, scratch_dir
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,8 @@ def log_explain_run(
     model_uri = cfg.resolved_model_uri
     tags = {"job": "explain", "model_uri": model_uri}
     params = config_to_dict(cfg)
-    with RunTracker(cfg.experiment_name, cfg.run_name or None, tags=tags, params=params) as tracker:
+    name = cfg.run_name or f"explain {data_label(cfg.data)}"
+    with RunTracker(cfg.experiment_name, name, tags=tags, params=params) as tracker:
         tracker.log_params(
             {
                 "resolved_model_uri": model_uri,
