@@ -14,7 +14,7 @@ from training.config import ConfigError
 DIRECTIONS = ("auto", "max", "min")
 FORMATS = ("csv", "submission")
 EXPLAIN_TARGETS = ("predicted", "true", "both")
-_ALIAS = re.compile(r"^[\w\-]{1,255}$")
+_ALIAS = re.compile(r"^[\w\-]{1,240}$")  # room for the members' -fold-<n>
 _VERSION_ALIAS = re.compile(r"^[vV]\d+$")  # MLflow reserves these (and 'latest') for versions
 
 
@@ -86,6 +86,9 @@ class PredictConfig:
     batch_size: int = 32  # images per model call
     path_column: str = "path"  # CSV input: image path column
     label_column: str = "label"  # CSV input: true label column, if present
+    calibrated: bool = True  # divide member logits by the ensemble's temperature (false: raw)
+    compare: bool = True  # labelled data: members vs voting methods vs TTA table, with timing
+    seed: int = 0  # bootstrap resamples and the timed sample of the comparison
     experiment_name: str = ""  # where the labelled predict run is logged; '' = as for train
     run_name: str = ""
     config: str = ""  # YAML file of parameter values (explicit flags win)
@@ -96,6 +99,7 @@ class PredictConfig:
             _check_alias(self.alias)
         _require(bool(self.data), "data", self.data, "a folder or CSV path")
         _require(bool(self.output), "output", self.output, "a file path")
+        _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _require(self.format in FORMATS, "format", self.format, f"one of {FORMATS}")
         _require(self.method in ("", *METHODS), "method", self.method, f"empty or one of {METHODS}")
         _require(0 <= self.tta <= MAX_VIEWS, "tta", self.tta, f"an integer in 0..{MAX_VIEWS}")

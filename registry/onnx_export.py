@@ -133,6 +133,9 @@ def export_members(model_folder: Path, output: Path, opset: int) -> list[Path]:
         "members": [path.name for path in written],
         "method": meta.get("method", "arithmetic"),
         "tta": meta.get("tta", 1),
+        # Divides each member's logits before log_softmax (voting_recipe); 1 = uncalibrated
+        # (the pyfunc's calibrated=false, or an ensemble promoted before calibration).
+        "temperature": float(meta.get("temperature", 1.0)),
         "class_names": meta.get("class_names") or json.loads(written[0].read_text())["class_names"],
         # Every view a request may ask for (tta overrides up to MAX_VIEWS); the first `tta`
         # are the default. Fractions of the image, as registry.tta.View holds them.

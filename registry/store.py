@@ -50,3 +50,21 @@ def set_alias(name: str, alias: str, version: str | int) -> None:
     """Point `alias` at `version` (moves it if it pointed elsewhere)."""
     MlflowClient().set_registered_model_alias(name, alias, str(version))
     log.info("alias %s@%s -> version %s", name, alias, version)
+
+
+def set_version_description(name: str, version: str | int, description: str) -> None:
+    """The version's one-line description (shown on its page and in the versions list)."""
+    MlflowClient().update_model_version(name, str(version), description=description)
+
+
+def point_fold_aliases(name: str, prefix: str, versions: dict[int, str]) -> None:
+    """Aliases `<prefix>-fold-<n>` on `name` pointing at `versions[n]`; aliases with that
+    prefix whose fold is no longer in `versions` are deleted, so they always describe one
+    ensemble's members."""
+    client = MlflowClient()
+    wanted = {f"{prefix}-fold-{fold}": str(version) for fold, version in versions.items()}
+    for alias in client.get_registered_model(name).aliases:
+        if alias.startswith(f"{prefix}-fold-") and alias not in wanted:
+            client.delete_registered_model_alias(name, alias)
+    for alias, version in wanted.items():
+        client.set_registered_model_alias(name, alias, version)

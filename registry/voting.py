@@ -7,12 +7,16 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.special import logsumexp
 
+from training.calibration import scaled_log_probs
+
 METHODS = ("arithmetic", "geometric", "weighted", "hard")
 
 
-# How average_views and combine work, for ensemble.json.
+# How vote (average_views, combine) works, for ensemble.json.
 VOTING_RECIPE = (
-    "Per member and view: log-probabilities = log_softmax(logits). Per member, views are "
+    "Per member and view: log-probabilities = log_softmax(logits / T), T = the ensemble's "
+    "`temperature` (fitted at promotion on the k-fold job's out-of-fold predictions; T = 1, "
+    "i.e. log_softmax(logits), when a request asks calibrated=false). Per member, views are "
     "averaged: geometric = mean of the log-probabilities, renormalised (softmax of the "
     "mean); the other methods = mean of the probabilities. Then the members: arithmetic = "
     "mean of their probabilities; weighted = the same with the members' `weight` "
@@ -111,3 +115,21 @@ def average_views(view_log_probs: np.ndarray, method: str) -> np.ndarray:
         mean_log = view_log_probs.mean(axis=0)
         return mean_log - logsumexp(mean_log, axis=-1, keepdims=True)
     return logsumexp(view_log_probs, axis=0) - np.log(views)
+
+
+def vote(
+    view_log_probs: np.ndarray,
+    method: str,
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) from every member's per-view log-probabilities (M, V, N, C):
+    each view's logits divided by `temperature` (log-probabilities are the logits up to a
+    per-row constant), each member's views averaged, then the members combined."""
+    view_log_probs = np.asarray(view_log_probs, dtype=np.float64)
+    if view_log_probs.ndim != 4:
+        raise ValueError(f"expected log-probabilities (M, V, N, C), got {view_log_probs.shape}")
+    if temperature != 1.0:
+        view_log_probs = scaled_log_probs(view_log_probs, temperature)
+    members = np.stack([average_views(views, method) for views in view_log_probs])
+    return combine(members, method, weights)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
 
+from registry.comparison import comparison_table, f1_interval, macro_f1
 from registry.tta import View, apply_view, tta_views
 from registry.voting import (
     average_views,
@@ -13,6 +15,7 @@ from registry.voting import (
     hard_vote,
     log_softmax,
     metric_weights,
+    vote,
 )
 
 # Two members, two images, three classes.
@@ -122,3 +125,58 @@ def test_apply_view_crops_and_flips():
     crop = apply_view(image, View(top=0.2, left=0.5, height=0.5, width=0.5))
     assert np.array_equal(crop, image[2:7, 10:20])
     assert np.array_equal(apply_view(image, tta_views(5)[4]), apply_view(image, tta_views(5)[4]))
+
+
+def test_vote_divides_every_view_by_the_temperature_before_averaging():
+    logits = np.random.default_rng(0).normal(scale=3.0, size=(2, 3, 4, 5))  # M, V, N, C
+    labels, probs = vote(log_softmax(logits), "arithmetic", temperature=2.5)
+    by_hand = np.exp(log_softmax(logits / 2.5)).mean(axis=(0, 1))  # equal weights, views
+    assert np.allclose(probs, by_hand) and labels.tolist() == by_hand.argmax(1).tolist()
+    plain = vote(log_softmax(logits), "arithmetic")[1]
+    assert np.allclose(plain, np.exp(log_softmax(logits)).mean(axis=(0, 1)))
+    # Geometric voting: T scales a mean of log-probabilities, so no label can change.
+    assert np.array_equal(
+        vote(log_softmax(logits), "geometric", temperature=0.3)[0],
+        vote(log_softmax(logits), "geometric")[0],
+    )
+
+
+def test_vectorised_macro_f1_is_scikit_learns():
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, 4, size=(3, 50))  # 3 resamples; class 4 never occurs
+    preds = np.where(rng.random((3, 50)) < 0.6, targets, rng.integers(0, 4, size=(3, 50)))
+    expected = [
+        f1_score(t, p, labels=range(5), average="macro", zero_division=0)
+        for t, p in zip(targets, preds, strict=True)
+    ]
+    assert np.allclose(macro_f1(targets, preds, 5), expected)
+
+
+def test_bootstrap_interval_is_seeded_and_holds_the_point_estimate():
+    rng = np.random.default_rng(2)
+    targets = rng.integers(0, 3, size=120)
+    preds = np.where(rng.random(120) < 0.8, targets, rng.integers(0, 3, size=120))
+    point = macro_f1(targets, preds, 3)
+    low, high = f1_interval(targets, preds, 3, seed=7)
+    assert (low, high) == f1_interval(targets, preds, 3, seed=7)
+    assert (low, high) != f1_interval(targets, preds, 3, seed=8)
+    assert low < point < high and high - low < 0.3
+    # All right: every resample scores 1 (BCa is undefined there; the percentile interval).
+    assert f1_interval(targets, targets, 3, seed=7) == (1.0, 1.0)
+
+
+def test_comparison_rows_and_latency_multipliers():
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 3, size=40)
+    logits = rng.normal(size=(2, 4, 40, 3)) + 2.0 * np.eye(3)[targets]  # M, V, N, C
+    seconds = {("member 0", 1): 0.5, ("member 0", 4): 2.0, ("member 1", 1): 0.5}
+    seconds |= {("member 1", 4): 2.0, ("ensemble", 1): 1.0, ("ensemble", 4): 4.0}
+    table = comparison_table(log_softmax(logits), targets, [3, 1], [0.5, 0.5], 2.0, 4, seconds, 0)
+    assert len(table) == 2 * 2 + 3 * 2 * 2 + 2
+    assert table.iloc[0][["model", "tta", "latency_x"]].tolist() == ["member 0 (fold 3)", 1, 1.0]
+    ensemble = table[table["model"] == "ensemble"]
+    assert sorted(set(ensemble["latency_x"])) == [2.0, 8.0]
+    member = table.iloc[1]  # member 0 with 4 views, by hand
+    labels = np.exp(log_softmax(logits[0])).mean(axis=0).argmax(axis=1)
+    assert member["f1_macro"] == pytest.approx(f1_score(targets, labels, average="macro"))
+    assert member["accuracy"] == pytest.approx((labels == targets).mean())

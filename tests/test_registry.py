@@ -34,10 +34,12 @@ from registry.ensemble import FORWARD_BATCH
 from registry.images import Preprocessing, member_batch
 from registry.tta import MAX_VIEWS, tta_views
 from training import gradcam
+from training.calibration import fit_temperature, scaled_log_probs
 from training.data import decode_image
 from training.fold_runs import latest_finished_fold_runs
 from training.kfold import KFoldConfig, prepare_job, run_kfold, train_fold
 from training.model import create_classifier
+from training.tracking import load_artifact_csv
 from training.transforms import eval_transform, to_tensor
 
 JOB = {**TINY, "stage1_epochs": 1, "stage2_epochs": 1, "folds": 3}
@@ -78,6 +80,11 @@ def _versions(client, name: str) -> list:
 def _runs(client) -> list:
     experiment = client.get_experiment_by_name("tests")
     return client.search_runs([experiment.experiment_id])
+
+
+def _model_id(version) -> str:
+    """The LoggedModel behind a registry version (the SQL registry keeps it in `source`)."""
+    return version.model_id or version.source.removeprefix("models:/")
 
 
 def _champion(client) -> str:
@@ -121,7 +128,7 @@ def test_alias_resolves_to_the_self_contained_ensemble(reg, tmp_path):
     assert "python_function" in info.flavors and "pytorch" not in info.flavors
     folds = reg.client.get_model_version(MODEL, reg.outcome.version).tags["folds"]
     assert ",".join(str(m["fold"]) for m in info.metadata["members"]) == folds
-    assert {p.name for p in info.signature.params.params} == {"method", "tta"}
+    assert {p.name for p in info.signature.params.params} == {"method", "tta", "calibrated"}
     local = Path(
         mlflow.artifacts.download_artifacts(f"models:/{MODEL}@champion", dst_path=str(tmp_path))
     )
@@ -176,18 +183,29 @@ def test_promotion_follows_the_fold_runs_that_finished_since(tracking, digits_di
     first = {direction: promote(direction) for direction in ("min", "max")}
     fold0_run = first["min"].plan.member_run_ids
     assert fold0_run == first["max"].plan.member_run_ids and len(fold0_run) == 1
+    assert first["min"].plan.calibration.folds == [0]  # calibrated on what has finished
     _fan_out(digits_dir, parent_run_id=job, fold=1)
     moved = []
     for direction, before in first.items():
         after = promote(direction)
         chosen = after.plan.member_run_ids
-        changed = chosen != fold0_run
-        moved.append(changed)
-        assert after.reused is not changed  # same runs and settings: the same version
-        assert (after.version != before.version) is changed
+        moved.append(chosen != fold0_run)
+        # Fold 1's out-of-fold predictions change the temperature and the figures: a new
+        # version even where the chosen run stayed; the same promotion again reuses it.
+        assert not after.reused and after.version != before.version
+        assert after.plan.calibration.folds == [0, 1]
+        again = promote(direction)
+        assert again.reused and again.version == after.version
         tags = client.get_model_version(MODEL, after.version).tags
         assert tags["member_run_ids"] == ",".join(chosen)
         assert tags["promotion_key"] == after.plan.key
+        assert tags["oof_folds"] == "0,1"
+        # The members' fold aliases follow the ensemble alias: a fold that left is unaliased.
+        aliases = client.get_registered_model(f"{MODEL}-members").aliases
+        prefix = f"{direction}1-fold-"
+        assert {a for a in aliases if a.startswith(prefix)} == {
+            f"{prefix}{fold.fold}" for fold in after.plan.selected
+        }
     assert moved.count(True) == 1
 
     # A second FINISHED run of fold 0 (a retry, or two fan-out processes on one fold):
@@ -221,27 +239,98 @@ def test_promote_errors_exit_2_and_write_nothing(reg, capsys, argv, message):
     assert (len(_versions(reg.client, MODEL)), len(_runs(reg.client))) == before
 
 
+def test_temperature_is_fitted_on_the_out_of_fold_predictions(reg):
+    """T minimises the NLL of the k-fold job's out-of-fold probabilities (logs as logits);
+    the promote run carries it, ECE and NLL before / after, and both reliability diagrams."""
+    oof = load_artifact_csv(
+        reg.kfold.parent_run_id, "evaluation/oof_predictions.csv", dtype={"label": str}
+    )
+    names = reg.outcome.plan.class_names
+    targets = oof["label"].map({name: i for i, name in enumerate(names)}).to_numpy()
+    log_probs = np.log(oof[[f"prob_{name}" for name in names]].to_numpy())
+    temperature = fit_temperature(log_probs, targets)
+    run = reg.client.get_run(reg.outcome.run_id)
+    metrics = run.data.metrics
+    assert metrics["temperature"] == pytest.approx(temperature, rel=1e-6)
+
+    def nll(t: float) -> float:
+        return float(-scaled_log_probs(log_probs, t)[np.arange(len(targets)), targets].mean())
+
+    assert metrics["oof_nll_uncalibrated"] == pytest.approx(nll(1.0), rel=1e-6)
+    assert metrics["oof_nll_calibrated"] == pytest.approx(nll(temperature), rel=1e-6)
+    assert metrics["oof_nll_calibrated"] < metrics["oof_nll_uncalibrated"]
+    assert {"oof_ece_uncalibrated", "oof_ece_calibrated"} <= set(metrics)
+    names = {a.path for a in reg.client.list_artifacts(run.info.run_id, "calibration")}
+    assert names == {
+        "calibration/temperature.json",
+        "calibration/oof_reliability_uncalibrated.png",
+        "calibration/oof_reliability_calibrated.png",
+    }
+
+
+def test_champion_version_shows_its_out_of_fold_figures_and_folds(reg):
+    """The version's LoggedModel holds the job's out-of-fold figures; the version says in
+    one line which job, folds, F1 and temperature; each member version says its fold, and
+    <alias>-fold-<n> aliases point at the champion's members."""
+    version = reg.client.get_model_version(MODEL, reg.outcome.version)
+    parent = reg.client.get_run(reg.kfold.parent_run_id)
+    logged = mlflow.get_logged_model(_model_id(version))
+    on_model = {metric.key: metric.value for metric in logged.metrics}
+    for key in ("oof_f1_macro", "oof_accuracy", "oof_precision_macro", "oof_recall_macro"):
+        assert on_model[key] == pytest.approx(parent.data.metrics[key])
+    assert on_model["oof_ece_uncalibrated"] == pytest.approx(parent.data.metrics["oof_ece"])
+    assert on_model["temperature"] == pytest.approx(reg.outcome.plan.calibration.temperature)
+    assert version.run_id == reg.outcome.run_id == version.tags["promote_run_id"]
+    assert version.tags["kfold_run_id"] == reg.kfold.parent_run_id
+    description = version.description
+    assert "\n" not in description and parent.info.run_name in description
+    assert f"Out-of-fold macro F1 {parent.data.metrics['oof_f1_macro']:.4f}" in description
+    assert f"temperature {reg.outcome.plan.calibration.temperature:.3f}" in description
+    folds = [fold.fold for fold in reg.outcome.plan.selected]
+    assert f"Folds {', '.join(map(str, folds))} (top 2" in description
+    members = f"{MODEL}-members"
+    for fold, number in zip(folds, reg.outcome.member_versions, strict=True):
+        member = reg.client.get_model_version(members, number)
+        assert member.description.startswith(f"fold {fold} of k-fold run '{parent.info.run_name}'")
+        by_alias = reg.client.get_model_version_by_alias(members, f"champion-fold-{fold}")
+        assert str(by_alias.version) == number
+
+
+def _member_logits(member_uri: str, paths: list[str]) -> np.ndarray:
+    info = mlflow.models.get_model_info(member_uri).metadata
+    model = mlflow.pytorch.load_model(member_uri)
+    transform = eval_transform(info["image_size"], info["mean"], info["std"])
+    batch = torch.stack(
+        [to_tensor(transform(image=decode_image(p, info["image_size"]))["image"]) for p in paths]
+    )
+    with torch.no_grad():
+        return model(batch).numpy()
+
+
 def test_ensemble_matches_its_members_computed_by_hand(reg, digits_dir):
+    """Calibrated (the default): each member's logits / T, softmax, weighted mean; with
+    calibrated=false the same without T (the ensemble as it was before calibration)."""
     paths = _image_paths(digits_dir)
-    out = reg.model.predict(pd.DataFrame({"path": paths}), params={"method": "weighted", "tta": 1})
     meta = mlflow.models.get_model_info(f"models:/{MODEL}@champion").metadata
-    expected = 0.0
-    for member in meta["members"]:
-        info = mlflow.models.get_model_info(member["model_uri"]).metadata
-        model = mlflow.pytorch.load_model(member["model_uri"])
-        transform = eval_transform(info["image_size"], info["mean"], info["std"])
-        batch = torch.stack(
-            [
-                to_tensor(transform(image=decode_image(p, info["image_size"]))["image"])
-                for p in paths
-            ]
+    temperature = reg.outcome.plan.calibration.temperature
+    assert meta["temperature"] == temperature and temperature != 1.0
+    logits = [_member_logits(member["model_uri"], paths) for member in meta["members"]]
+    weights = [member["weight"] for member in meta["members"]]
+    for params, t in [({}, temperature), ({"calibrated": False}, 1.0)]:
+        out = reg.model.predict(
+            pd.DataFrame({"path": paths}), params={"method": "weighted", "tta": 1, **params}
         )
-        with torch.no_grad():
-            expected = expected + member["weight"] * torch.softmax(model(batch), 1).numpy()
-    probs = out[[f"prob_{c}" for c in meta["class_names"]]].to_numpy(dtype=float)
-    assert np.allclose(probs, expected, atol=1e-6)
-    assert out["label"].tolist() == [meta["class_names"][i] for i in expected.argmax(1)]
-    assert (out["error"] == "").all()
+        expected = sum(
+            w * torch.softmax(torch.from_numpy(z) / t, 1).numpy()
+            for w, z in zip(weights, logits, strict=True)
+        )
+        probs = out[[f"prob_{c}" for c in meta["class_names"]]].to_numpy(dtype=float)
+        assert np.allclose(probs, expected, atol=1e-6), params
+        assert out["label"].tolist() == [meta["class_names"][i] for i in expected.argmax(1)]
+        assert (out["error"] == "").all()
+    # The temperature really changes the answer (T of these barely trained members is far
+    # from 1), so the two comparisons above check different things.
+    assert abs(np.log(temperature)) > 0.1
 
 
 def test_chunked_requests_give_the_same_answer(reg, digits_dir):
@@ -375,7 +464,9 @@ def test_predict_job_scores_labelled_folder_and_survives_a_corrupt_image(
     good = table[table["error"] == ""]
     assert len(good) == 40 and good["predicted"].isin(["0", "1", "2", "3"]).all()
     f1 = f1_score(good["label"], good["predicted"], average="macro")
-    assert f"test macro F1 {f1:.4f}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"test macro F1 {f1:.4f}" in printed
+    assert "macro F1 [95% CI]" in printed and "member 0 (fold" in printed  # the comparison
     run = [r for r in _runs(reg.client) if r.data.tags.get("job") == "predict"][0]
     assert run.data.metrics["test_f1_macro"] == pytest.approx(f1)
     assert run.data.metrics["error_rows"] == 1
@@ -411,6 +502,59 @@ def test_predict_from_a_csv_of_relative_paths(reg, digits_dir, tmp_path):
     assert len(outcome.table) == 40 and (outcome.table["error"] == "").all()
     assert outcome.table["image_id"].iloc[0] == "0/d0000.png"  # as written in the CSV
     assert outcome.metrics is not None and 0 <= outcome.metrics["test_f1_macro"] <= 1
+
+
+def test_labelled_predict_scores_the_version_and_compares_the_variants(reg, digits_dir, tmp_path):
+    """The test figures land on the version's LoggedModel, the run records that model as
+    its input, and one table compares members, voting methods, TTA and calibration."""
+    cfg = PredictConfig(
+        model_name=MODEL, data=str(digits_dir), output=str(tmp_path / "p.csv"), seed=3
+    )
+    outcome = predict.run(cfg, progress=False)
+    run = reg.client.get_run(outcome.run_id)
+    version = reg.client.get_model_version(MODEL, reg.outcome.version)
+    on_model = {m.key: m.value for m in mlflow.get_logged_model(_model_id(version)).metrics}
+    for key in ("test_f1_macro", "test_accuracy", "test_ece_calibrated", "test_ece_uncalibrated"):
+        assert on_model[key] == pytest.approx(run.data.metrics[key])
+    assert [i.model_id for i in run.inputs.model_inputs] == [_model_id(version)]
+    assert run.data.params["model_id"] == _model_id(version)
+    assert run.data.metrics["test_ece_calibrated"] != run.data.metrics["test_ece_uncalibrated"]
+    # The job's table (from cached log-probabilities) is what the pyfunc answers.
+    direct = reg.model.predict(pd.DataFrame({"path": outcome.table["path"]}))
+    pd.testing.assert_frame_equal(
+        outcome.table[direct.columns[1:]].reset_index(drop=True), direct[direct.columns[1:]]
+    )
+    assert outcome.table["predicted"].tolist() == direct["label"].tolist()
+
+    table = outcome.comparison
+    folds = [fold.fold for fold in reg.outcome.plan.selected]
+    members = [(f"member {r} (fold {f})", "-", n, "-") for r, f in enumerate(folds) for n in (1, 2)]
+    ensemble = [
+        ("ensemble", method, n, calibrated)
+        for method in ("arithmetic", "geometric", "weighted", "hard")
+        for n in (1, 2)
+        for calibrated in (("-",) if method == "geometric" else ("no", "yes"))
+    ]
+    rows = list(table[["model", "method", "tta", "calibrated"]].itertuples(index=False, name=None))
+    assert rows == members + ensemble
+    assert (table["f1_low"] <= table["f1_macro"]).all()
+    assert (table["f1_macro"] <= table["f1_high"]).all()
+    assert table.loc[0, "latency_x"] == 1.0 and (table["latency_x"] > 0).all()
+    used = table[(table["method"] == "arithmetic") & (table["tta"] == 2)]
+    used = used[used["calibrated"] == "yes"].iloc[0]
+    assert used["f1_macro"] == pytest.approx(run.data.metrics["test_f1_macro"])
+    assert used["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+    names = {a.path for a in reg.client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {
+        "evaluation/comparison.json",
+        "evaluation/comparison.csv",
+        "evaluation/misclassified.csv",
+        "evaluation/misclassified.png",
+    } <= names
+    wrong = load_artifact_csv(run.info.run_id, "evaluation/misclassified.csv", dtype=str)
+    labelled = outcome.table.set_index("image_id")
+    assert len(wrong) == int((labelled["predicted"] != labelled["label"]).sum())
+    assert (wrong["predicted"] == labelled.loc[wrong["image_id"], "predicted"].to_numpy()).all()
 
 
 def test_onnx_export_matches_torch(reg, digits_dir, tmp_path):
@@ -486,6 +630,7 @@ def _np_log_softmax(x: np.ndarray) -> np.ndarray:
 def _onnx_ensemble(folder: Path, paths: list[str], method: str, tta: int) -> tuple:
     """(labels, probabilities) from the exported files, following ensemble.json's recipes."""
     ensemble = json.loads((folder / "ensemble.json").read_text())
+    temperature = ensemble["temperature"]
     views = ensemble["views"][:tta]
     members, weights = [], []
     for name in ensemble["members"]:
@@ -500,7 +645,8 @@ def _onnx_ensemble(folder: Path, paths: list[str], method: str, tta: int) -> tup
                 inputs.append(normal.transpose(2, 0, 1))
         session = ort.InferenceSession(str(folder / spec["file"]))
         logits = session.run([spec["output"]], {spec["input"]: np.stack(inputs)})[0]
-        per_view = _np_log_softmax(logits.astype(np.float64)).reshape(len(paths), len(views), -1)
+        scaled = logits.astype(np.float64) / temperature
+        per_view = _np_log_softmax(scaled).reshape(len(paths), len(views), -1)
         if method == "geometric":
             members.append(_np_log_softmax(per_view.mean(axis=1)))
         else:
@@ -524,6 +670,8 @@ def test_onnx_ensemble_reproduces_the_pyfunc_with_tta(reg, digits_dir, tmp_path)
     onnx_export.run(OnnxExportConfig(model_name=MODEL, output=str(folder)))  # the champion
     ensemble = json.loads((folder / "ensemble.json").read_text())
     assert (ensemble["method"], ensemble["tta"]) == ("arithmetic", 2)
+    assert ensemble["temperature"] == reg.outcome.plan.calibration.temperature != 1.0
+    assert "temperature" in ensemble["voting_recipe"]
     assert ensemble["views"] == [dataclasses.asdict(view) for view in tta_views(MAX_VIEWS)]
     paths = _image_paths(digits_dir, 4)
     names = ensemble["class_names"]
@@ -604,6 +752,10 @@ def test_served_model_answers_base64_png(reg, digits_dir, tmp_path):
         assert good["label"] in {"0", "1", "2", "3"} and good["error"] == ""
         assert sum(good[f"prob_{c}"] for c in "0123") == pytest.approx(1.0)
         assert bad["label"] == "" and bad["prob_0"] is None and "base64" in bad["error"]
+        body["params"] = {"calibrated": False}  # the raw logits: other probabilities
+        raw = requests.post(f"{url}/invocations", json=body, timeout=60).json()["predictions"][0]
+        assert sum(raw[f"prob_{c}"] for c in "0123") == pytest.approx(1.0)
+        assert max(abs(raw[f"prob_{c}"] - good[f"prob_{c}"]) for c in "0123") > 1e-4
         body["params"] = {"method": "hard", "tta": 1}
         hard = requests.post(f"{url}/invocations", json=body, timeout=60).json()["predictions"][0]
         assert sorted(hard[f"prob_{c}"] for c in "0123") in ([0, 0, 0, 1], [0, 0, 0.5, 0.5])

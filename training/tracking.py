@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib import pyplot as plt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from mlflow.entities import RunStatus
+from mlflow.entities import LoggedModelInput, RunStatus
 from mlflow.tracking import MlflowClient
 
 from training.config import ConfigError
@@ -200,10 +200,21 @@ class RunTracker:
         if tags:
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """One batched call per step (one call per value is ~7x slower on SQLite)."""
+    def log_metrics(
+        self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None
+    ) -> None:
+        """One batched call per step (one call per value is ~7x slower on SQLite). With
+        `model_id` (a LoggedModel, m-...) the metrics are the run's and that model's too: the
+        model page and a registered version of it show them, and a model this run did not
+        log becomes one of the run's inputs (its Logged models list, direction input)."""
         if metrics:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            values = {k: float(v) for k, v in metrics.items()}
+            mlflow.log_metrics(values, step=step, model_id=model_id)
+
+    def log_model_input(self, model_id: str) -> None:
+        """Record a LoggedModel this run used (e.g. the ensemble a predict run scored) as a
+        run input. MlflowClient's call: mlflow.log_inputs(models=...) is Databricks-only."""
+        MlflowClient().log_inputs(self.run_id, models=[LoggedModelInput(model_id=model_id)])
 
     def set_description(self, text: str) -> None:
         """The run's description in the MLflow UI (its note)."""
@@ -345,12 +356,13 @@ def child_runs(parent_run_id: str, filter_string: str = "") -> list[mlflow.entit
     return find_runs([parent.info.experiment_id], where)
 
 
-def load_artifact_csv(run_id: str, artifact_path: str) -> pd.DataFrame:
+def load_artifact_csv(run_id: str, artifact_path: str, **read_options: Any) -> pd.DataFrame:
+    """A CSV artifact of a run as a DataFrame (`read_options` go to pandas.read_csv)."""
     with scratch_dir() as folder:
         local = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=artifact_path, dst_path=str(folder)
         )
-        return pd.read_csv(local)
+        return pd.read_csv(local, **read_options)
 
 
 def set_run_status(run_id: str, status: str) -> None:
