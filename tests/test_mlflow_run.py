@@ -71,6 +71,7 @@ def workspace(tmp_path_factory):
         ("promote", {"top_k": 1}),
         ("predict", {"data": data, "output": folder / "predictions.csv"}),
         ("onnx_export", {"output": folder / "onnx"}),
+        ("explain", {"data": data, "max_images": 2, "target": "both"}),
     ]
     for entry, params in steps:
         done[entry] = mlflow_run(folder, entry, "jobs", **params)
@@ -96,7 +97,17 @@ def workspace(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "step",
-    ["python -m", "demo_data", "train", "kfold", "tune", "promote", "predict", "onnx_export"],
+    [
+        "python -m",
+        "demo_data",
+        "train",
+        "kfold",
+        "tune",
+        "promote",
+        "predict",
+        "onnx_export",
+        "explain",
+    ],
 )
 def test_each_entry_point_runs(workspace, step):
     done = workspace["done"][step]
@@ -108,7 +119,8 @@ def test_every_command_lands_in_one_default_store(workspace):
     folder, runs = workspace["folder"], workspace["runs"]
     assert (folder / "mlflow.db").is_file() and (folder / "mlruns").is_dir()
     jobs = set(runs.get("job", pd.Series(dtype=str)).dropna())
-    assert {"train", "kfold", "tune", "promote", "predict", "mlflow-run-launcher"} <= jobs
+    assert {"train", "kfold", "tune", "promote", "predict", "explain"} <= jobs
+    assert "mlflow-run-launcher" in jobs
     direct = runs[runs["mlflow.runName"] == "direct"]
     assert len(direct) == 1 and direct["status"].item() == "FINISHED"
     artifact_root = workspace["client"].get_run(direct["run_id"].item()).info.artifact_uri
