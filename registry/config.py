@@ -166,7 +166,6 @@ class ExplainConfig:
             "a number in (0, 1)",
         )
         _require(bool(self.path_column), "path_column", self.path_column, "a column name")
-        _require(bool(self.experiment_name), "experiment_name", self.experiment_name, "a name")
 
     @property
     def resolved_model_uri(self) -> str:
