@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_EXPERIMENT ?= demo
 
-.PHONY: install demo test lint bench ui server server-stop clean
+.PHONY: install demo test lint bench ui ui-screenshots server server-stop clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,7 @@ demo: install
 	@echo "Predictions: outputs/demo_test_predictions.csv"
 	@echo "See it all in the MLflow UI: make ui, then open"
 	@echo "  http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	@echo "  (click 'Model training' at the top left once: the browser remembers it)"
 
 # The test suite (README quickstart, second command; CI runs it). Exit 5 = no tests collected.
 test: install
@@ -45,7 +46,18 @@ bench: install
 # model-training view (a new browser otherwise starts in the GenAI one).
 ui: install
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	@echo "(click 'Model training' at the top left once: the browser remembers it)"
 	mlflow ui -h 127.0.0.1 -p 5000
+
+# Screenshots of the MLflow UI after `make demo`, taken in headless Chromium (the OS's:
+# apt-get install chromium; the `ui` extra is Playwright's Python package, no browser
+# download); exits 1 when a page misses what the README says it shows. Writes docs/ui/.
+ui-screenshots: $(VENV)/.installed-ui
+	$(PYTHON) bench/ui_screenshots.py --output docs/ui
+
+$(VENV)/.installed-ui: $(VENV)/.installed
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[ui]'
+	touch $@
 
 # One tracking server for a team (README "Team set-up"): PostgreSQL + `mlflow server` with
 # proxied artifacts, state in ./.server; prints the exports (also in .server/env).

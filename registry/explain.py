@@ -270,6 +270,12 @@ def log_explain_run(
         title = f"Grad-CAM, {model_uri} (deletion check {check.fraction:.0%})"
         tracker.log_figure(overlay_sheet(images, captions, title), "explain/contact_sheet.png")
         tracker.log_csv(results, "explain/explanations.csv")
+        tracker.set_description(
+            f"Grad-CAM of {model_uri} on {len(images)} image(s) of {data_label(cfg.data)}: "
+            f"hiding the hottest {cfg.deletion_fraction:.0%} of pixels lowered p(target) more "
+            f"than hiding random ones on {check.fraction:.0%} of them (about 50 % = no better "
+            f"than random)"
+        )
         return tracker.run_id
 
 

@@ -341,6 +341,7 @@ def register_ensemble(
     }
     info = log_ensemble(tracker, plan, members)
     tracker.log_metrics(plan.calibration.metrics, model_id=info.model_id)
+    tracker.set_model_description(info.model_id, plan.describe())  # its page: metrics + this
     version = store.register_version(info.model_uri, cfg.model_name, version_tags)
     return str(version.version), False
 

@@ -145,6 +145,8 @@ def test_explain_job_logs_overlays_and_the_deletion_metric(logged_model, digits_
     assert 0.0 <= run.data.metrics["deletion_check_fraction"] <= 1.0
     assert run.data.metrics["explained_images"] == 5
     assert run.data.params["target"] == "both"
+    description = run.data.tags["mlflow.note.content"]  # the runs table's Description
+    assert description.startswith(f"Grad-CAM of {logged_model} on 5 image(s)")
     client = mlflow.MlflowClient()
     files = {f.path for f in client.list_artifacts(run.info.run_id, "explain")}
     overlays = {path for path in files if path.endswith(".png") and "contact_sheet" not in path}

@@ -46,3 +46,21 @@ def test_kfold_summary_counts_the_runs_promotion_counts(tracking):
     parent, _ = _job_with_reruns()
     counted = latest_finished_fold_runs(parent, folds=3)
     assert kfold.finished_folds(parent, 3) == {f: run.info.run_id for f, run in counted.items()}
+
+
+def test_only_fold_runs_left_running_are_marked_failed(tracking):
+    """The `mlflow run` launcher nested under the job is RUNNING while the job runs: it is
+    not a fold run left by a dead process (it used to end FAILED, tagged superseded)."""
+    parent, _ = _job_with_reruns()
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(parent).info.experiment_id
+    launcher = client.create_run(
+        experiment, tags={"mlflow.parentRunId": parent, "job": "mlflow-run-launcher"}
+    ).info.run_id
+    stale_fold = client.create_run(
+        experiment, tags={"mlflow.parentRunId": parent, "job": "train", "fold": "2"}
+    ).info.run_id
+    kfold.finished_folds(parent, 3)
+    assert client.get_run(launcher).info.status == "RUNNING"
+    assert "superseded" not in client.get_run(launcher).data.tags
+    assert client.get_run(stale_fold).info.status == "FAILED"

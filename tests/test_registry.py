@@ -288,6 +288,7 @@ def test_champion_version_shows_its_out_of_fold_figures_and_folds(reg):
     assert f"temperature {reg.outcome.plan.calibration.temperature:.3f}" in description
     folds = [fold.fold for fold in reg.outcome.plan.selected]
     assert f"Folds {', '.join(map(str, folds))} (top 2" in description
+    assert logged.tags["mlflow.note.content"] == description  # the model page says it too
     members = f"{MODEL}-members"
     for fold, number in zip(folds, reg.outcome.member_versions, strict=True):
         member = reg.client.get_model_version(members, number)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from registry import predict, promote
-from registry.config import OnnxExportConfig, PredictConfig, PromoteConfig
+from registry.config import ExplainConfig, OnnxExportConfig, PredictConfig, PromoteConfig
 from registry.errors import PromoteError
 from registry.selection import FoldModel, resolve_direction, select_top_k
 from training.config import ConfigError, parse_cli
@@ -86,3 +87,12 @@ def test_predict_input_errors_exit_2_before_loading_a_model(tracking, digits_dir
         assert predict.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize("cls", [PromoteConfig, PredictConfig, ExplainConfig, OnnxExportConfig])
+def test_the_mlproject_command_line_with_nothing_given_is_valid(cls):
+    """`mlflow run -e <entry>` passes every parameter as '' (not given): the defaults apply
+    ('' experiment_name = the experiment of `mlflow run --experiment-name`)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    cfg = parse_cli(cls, [arg for name in names for arg in (f"--{name}", "")], "")
+    assert cfg == cls()

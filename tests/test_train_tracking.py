@@ -19,7 +19,7 @@ from training.checkpoints import load_checkpoint
 from training.engine import ImageArrayDataset, make_loader, predict_probs
 from training.pipeline import execute, plan_training
 from training.splits import holdout_split
-from training.tracking import RunTracker
+from training.tracking import HEADLINE_VIEW, SAVED_VIEW_TAG, RunTracker
 from training.transforms import eval_transform
 
 
@@ -283,6 +283,27 @@ def test_the_mlflow_run_launcher_is_nested_under_the_jobs_own_run(tracking, monk
     assert "command line as typed" in moved.data.tags["mlflow.note.content"]
     assert mlflow.get_run(child.run_id).data.tags["mlflow.parentRunId"] == job.run_id
     assert "MLFLOW_RUN_ID" not in os.environ  # no later run can mistake itself for it
+
+
+def test_a_jobs_experiment_has_the_headline_view_of_its_runs_table(tracking):
+    """The MLflow UI's default runs table shows no metric: each job's experiment gets a saved
+    view (the UI's "Views" list) with the headline metric columns, written once."""
+    with RunTracker("tests") as job:
+        with RunTracker("tests", "fold 0", parent_run_id=job.run_id):
+            pass
+    experiment = mlflow.get_experiment_by_name("tests")
+    view = json.loads(experiment.tags[SAVED_VIEW_TAG + HEADLINE_VIEW])
+    assert view["name"] == "headline metrics" and isinstance(view["createdAt"], int)
+    columns = json.loads(view["state"])["selectedColumns"]
+    assert columns[:3] == [
+        "metrics.`oof_f1_macro`",
+        "metrics.`mean_val_f1_macro`",
+        "metrics.`std_val_f1_macro`",
+    ]
+    with RunTracker("tests"):
+        pass  # a later job leaves the saved view as it was
+    again = mlflow.get_experiment_by_name("tests").tags[SAVED_VIEW_TAG + HEADLINE_VIEW]
+    assert json.loads(again) == view
 
 
 def test_experiment_name_naming_another_experiment_than_mlflow_runs_is_refused(

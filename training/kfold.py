@@ -133,8 +133,11 @@ def check_parent(job: KFoldJob, parent_run_id: str) -> None:
 def finished_folds(parent_run_id: str, folds: int) -> dict[int, str]:
     """Fold index → run id of the run that counts (training.fold_runs: the newest FINISHED
     one, the rule promotion uses too). Runs left RUNNING by a dead process are marked
-    FAILED, so they are neither counted nor mistaken for live ones."""
+    FAILED, so they are neither counted nor mistaken for live ones. Only fold runs (tag
+    `fold`): the `mlflow run` launcher nested under the job is RUNNING while the job runs."""
     for run in child_runs(parent_run_id, "attributes.status = 'RUNNING'"):
+        if "fold" not in run.data.tags:
+            continue
         log.warning("fold run %s was left RUNNING: marked FAILED", run.info.run_id)
         set_run_status(run.info.run_id, "FAILED")
         set_run_tags(run.info.run_id, {"superseded": "true"})

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,10 +23,17 @@ from mlflow.entities import LoggedModelInput, RunStatus
 from mlflow.tracking import MlflowClient
 
 from training.config import ConfigError
+from training.metric_keys import HEADLINE_METRICS
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
+# The MLflow UI (3.17) keeps the saved views of an experiment's runs table ("Views" above it)
+# as experiment tags mlflow.sharedViewState.<id> = {"name", "createdAt", "updatedAt",
+# "state"}, state being the table's settings as JSON (read from its bundle: not a documented
+# API; a view it cannot read is left out of its list and nothing else changes).
+SAVED_VIEW_TAG = "mlflow.sharedViewState."
+HEADLINE_VIEW = "headline"  # opened by #/experiments/<id>/runs?viewStateShareKey=headline
 
 
 DEFAULT_EXPERIMENT = "image-classifier"
@@ -102,6 +110,28 @@ def _attach_launcher(job_run_id: str) -> None:
         client.set_tag(launcher, key, value)
 
 
+def ensure_headline_view(experiment_id: str) -> None:
+    """The experiment's saved view "headline metrics" of its runs table: each run's name,
+    the metric that ranks its kind (metric_keys.HEADLINE_METRICS), then its description. The
+    UI's default table shows no metric at all, and its column picker lists every key."""
+    columns = [f"metrics.`{key}`" for key in HEADLINE_METRICS] + ["attributes.`Description`"]
+    state = json.dumps(
+        {
+            "selectedColumns": columns,
+            "columnOrder": columns,  # the UI applies widths to the columns it orders
+            "columnWidths": {column: 140 for column in columns[:-1]},
+        }
+    )
+    client = MlflowClient()
+    key = SAVED_VIEW_TAG + HEADLINE_VIEW
+    saved = client.get_experiment(experiment_id).tags.get(key)
+    if saved and json.loads(saved).get("state") == state:
+        return
+    now = int(time.time() * 1000)
+    view = {"name": "headline metrics", "createdAt": now, "updatedAt": now, "state": state}
+    client.set_experiment_tag(experiment_id, key, json.dumps(view))
+
+
 def flatten_params(params: dict[str, Any]) -> dict[str, str]:
     flat = {}
     for key, value in params.items():
@@ -163,6 +193,10 @@ class RunTracker:
         self.parent_run_id = self.parent_run_id or self._run.data.tags.get("mlflow.parentRunId")
         if not self.parent_run_id and not self.resume_run_id:
             _attach_launcher(self.run_id)
+            try:
+                ensure_headline_view(experiment_id)
+            except mlflow.exceptions.MlflowException as err:  # a UI nicety never stops a job
+                log.warning("could not save the runs table view 'headline metrics': %s", err)
         self.log_params(self.params)
         return self
 
@@ -210,6 +244,10 @@ class RunTracker:
         if metrics:
             values = {k: float(v) for k, v in metrics.items()}
             mlflow.log_metrics(values, step=step, model_id=model_id)
+
+    def set_model_description(self, model_id: str, text: str) -> None:
+        """A LoggedModel's description on its page in the MLflow UI (its note tag)."""
+        mlflow.set_logged_model_tags(model_id, {NOTE_TAG: text})
 
     def log_model_input(self, model_id: str) -> None:
         """Record a LoggedModel this run used (e.g. the ensemble a predict run scored) as a
