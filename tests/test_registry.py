@@ -36,7 +36,9 @@ from registry.tta import MAX_VIEWS, tta_views
 from training import gradcam
 from training.data import decode_image
 from training.fold_runs import latest_finished_fold_runs
-from training.kfold import KFoldConfig, prepare_job, run_kfold, train_fold
+from training.kfold_folds import train_fold
+from training.kfold_job import KFoldConfig, prepare_job
+from training.kfold_pipeline import run_kfold
 from training.model import create_classifier
 from training.transforms import eval_transform, to_tensor
 
