@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import numpy as np
@@ -18,6 +19,7 @@ from servers import wait_for
 
 from training import kfold
 from training.data import DataError
+from training.kfold_aggregate import claim_aggregation
 from training.kfold_folds import fold_states
 from training.kfold_job import KFoldConfig, KFoldError, check_parent, prepare_job
 from training.kfold_pipeline import run_kfold
@@ -263,6 +265,17 @@ def test_a_live_sibling_is_left_alone_and_only_a_stale_one_is_failed(tracking):
         beat = lambda: mlflow.get_run(live.run_id).data.tags[HEARTBEAT_TAG]  # noqa: E731
         wait_for(lambda: beat() != first_beat, 30, 0.2, "the heartbeat renewed")
     assert mlflow.get_run(live.run_id).info.status == "FINISHED"
+
+
+def test_of_processes_claiming_one_aggregation_at_once_exactly_one_wins(tracking):
+    """The claim behind 'exactly one process aggregates': a param MLflow never changes."""
+    with RunTracker("tests", "job") as parent:
+        pass
+    finished = {0: "a" * 32, 1: "b" * 32}
+    with ThreadPoolExecutor(6) as pool:
+        wins = list(pool.map(lambda _: claim_aggregation(parent.run_id, finished), range(6)))
+    assert wins.count(True) == 1
+    assert claim_aggregation(parent.run_id, {**finished, 1: "c" * 32})  # a new set of runs
 
 
 def test_fold_processes_started_at_once_both_finish_and_one_aggregates(store, digits_dir):

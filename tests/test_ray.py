@@ -23,6 +23,7 @@ from servers import wait_for
 from training.config import ConfigError
 from training.kfold_job import KFoldConfig
 from training.kfold_pipeline import run_kfold
+from training.tracking import RunTracker
 from tuning import tune
 from tuning.study import create_storage
 
@@ -189,6 +190,23 @@ def test_two_ray_tuning_workers_nest_every_trial_under_one_parent(
     workers = {t.user_attrs["tune_worker"] for t in study.trials}
     assert workers == {f"{parent.info.run_id}/0", f"{parent.info.run_id}/1"}
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in trials}
+
+
+def test_a_k_fold_parent_with_number_tags_starts_on_a_tracking_server(team_server, monkeypatch):
+    """The k-fold parent's tags (folds=5) and fold runs' (fold, attempt) are numbers: MLflow's
+    REST client refused them ('bad argument type'), so no k-fold job ran against a server."""
+    client = mlflow.MlflowClient(tracking_uri=team_server.tracking_uri)
+    before = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server.tracking_uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    try:
+        with RunTracker("number-tags", "job", tags={"folds": 5, "attempt": 0}) as run:
+            pass
+    finally:
+        mlflow.set_tracking_uri(before)
+    tags = client.get_run(run.run_id).data.tags
+    assert (tags["folds"], tags["attempt"]) == ("5", "0")
 
 
 def test_ray_tuning_refuses_sqlite_storage_before_any_run(tracking, digits_dir, capsys):

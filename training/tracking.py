@@ -189,7 +189,8 @@ class RunTracker:
     def __enter__(self) -> RunTracker:
         experiment_id = experiment_id_for(self.experiment_name)
         nested = mlflow.active_run() is not None or self.parent_run_id is not None
-        tags = dict(self.tags)
+        # As text: a tracking server's REST API takes string tags only (SQLite took ints).
+        tags = {key: str(value) for key, value in self.tags.items()}
         if self.heartbeat_seconds:  # with the run's creation: never a live run without one
             tags[HEARTBEAT_TAG] = _now()
         self._run = mlflow.start_run(
