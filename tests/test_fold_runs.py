@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import mlflow
 
-from training import kfold
 from training.fold_runs import latest_finished_fold_runs
+from training.kfold_folds import fold_states
 
 
 def _job_with_reruns() -> tuple[str, dict[str, str]]:
@@ -45,4 +45,5 @@ def test_the_newest_finished_run_of_each_fold_counts(tracking):
 def test_kfold_summary_counts_the_runs_promotion_counts(tracking):
     parent, _ = _job_with_reruns()
     counted = latest_finished_fold_runs(parent, folds=3)
-    assert kfold.finished_folds(parent, 3) == {f: run.info.run_id for f, run in counted.items()}
+    finished = fold_states(parent, 3, grace_seconds=60).finished
+    assert finished == {f: run.info.run_id for f, run in counted.items()}
