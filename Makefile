@@ -4,13 +4,21 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_EXPERIMENT ?= demo
 
-.PHONY: install demo test lint bench ui ui-screenshots server server-stop clean
+.PHONY: install install-ray demo test lint bench ui ui-screenshots server server-stop clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Ray for executor=ray (the tests and the bench need it; `make demo` does not): the `ray`
+# extra, plain Ray without its dashboard (about 10 s here).
+install-ray: $(VENV)/.installed-ray
+
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev,ray]'
 	touch $@
 
 RUN := mlflow run . --env-manager local --experiment-name $(DEMO_EXPERIMENT)
@@ -32,14 +40,14 @@ demo: install
 	@echo "  (click 'Model training' at the top left once: the browser remembers it)"
 
 # The test suite (README quickstart, second command; CI runs it). Exit 5 = no tests collected.
-test: install
+test: install-ray
 	$(PYTHON) -m pytest -q tests || [ $$? -eq 5 ]
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 # Speed and memory against bare baselines (a few minutes; rewrites BENCHMARKS.md).
-bench: install
+bench: install-ray
 	$(PYTHON) -m bench.run_all
 
 # MLflow's default store (./mlflow.db, artifacts in ./mlruns); the link opens the

@@ -33,8 +33,8 @@ from bench.common import scratch_store, write_digits  # noqa: E402
 from training.config import parse_cli  # noqa: E402
 from training.demo_data import write_demo_data  # noqa: E402
 from tuning.config import TuneConfig  # noqa: E402
+from tuning.job import run as tune  # noqa: E402
 from tuning.study import create_storage  # noqa: E402
-from tuning.tune import run as tune  # noqa: E402
 
 DEMO = ROOT / "data" / "demo"
 # The demo study of the README: 12 trials of the demo config (1 + 5 epochs each).

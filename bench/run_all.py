@@ -29,6 +29,7 @@ ORDER = (
     "ensemble_speed",
     "memory",
     "pruning_savings",
+    "scale_out",
 )
 
 
@@ -84,6 +85,7 @@ def _row(figure: str, project: str, baseline: str, ratio: str, target: str, stat
 def summary_rows(r: dict[str, dict]) -> list[str]:
     t, lg, s = r["train_throughput"], r["logging_cost"], r["stage_speed"]
     e, m, p = r["ensemble_speed"], r["memory"], r["pruning_savings"]
+    so = r["scale_out"]
     return [
         "| figure | project | bare baseline | ratio | target | |",
         "|---|---|---|---|---|---|",
@@ -153,6 +155,15 @@ def summary_rows(r: dict[str, dict]) -> list[str]:
             f"{p['epochs_none']} epochs, {p['seconds_none']} s",
             f"{1 - p['epoch_saving']:.2f} (saves {p['epoch_saving']:.0%} of epochs, "
             f"{p['time_saving']:.0%} of time)",
+            "(info)",
+            "",
+        ),
+        _row(
+            f"7. scale-out: {so['mode']} ({so['folds']} folds, {so['images']} images), Ray "
+            "with two one-thread workers vs one process with two threads, 2 cores",
+            f"{so['ray_wall_s']} s",
+            f"{so['local_wall_s']} s",
+            f"{so['speedup']}x (Ray start {so['ray_start_s']} s)",
             "(info)",
             "",
         ),

@@ -1,5 +1,5 @@
-"""Shared fixtures: real digit PNGs, a private MLflow SQLite store, tiny training configs, and
-one real team server (PostgreSQL + `mlflow server`) per test session."""
+"""Shared fixtures: real digit PNGs, a private MLflow SQLite store, tiny training configs, one
+real team server (PostgreSQL + `mlflow server`) and one local Ray per test session."""
 
 from __future__ import annotations
 
@@ -101,6 +101,29 @@ def team_server() -> TeamServer:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session (2 CPUs, loopback only; starting one takes 5-15 s here,
+    and timed out when started per test at low priority on busy cores); shut down at the end.
+    Jobs run with executor=ray find it running and use it."""
+    try:
+        import ray
+    except ImportError:
+        pytest.skip("ray is not installed (pip install -e '.[ray]'; make test installs it)")
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def tiny_config(digits_dir) -> TrainConfig:
     return TrainConfig(data=str(digits_dir), **TINY)
@@ -113,3 +136,6 @@ def all_runs(experiment: str = "tests") -> pd.DataFrame:
 
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# A local Ray binds the loopback address only (read when ray is imported; Ray workers inherit
+# the environment, TQDM_DISABLE too).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -116,6 +116,7 @@ class Jobs:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
 
     def start(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path):
         """`python argv...` with its output in `log`."""
@@ -124,7 +125,15 @@ class Jobs:
                 [sys.executable, *argv], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
             )
         self.procs.append(proc)
+        self.logs.append(log)
         return proc
+
+    def report(self) -> str:
+        """Each job's exit code (None = running) and the end of its log, for a failure."""
+        return "\n".join(
+            f"--- {log} (exit {proc.poll()}):\n{log.read_text(errors='replace')[-2000:]}"
+            for proc, log in zip(self.procs, self.logs, strict=True)
+        )
 
     def module(self, module: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path):
         """`python -m module argv...`."""
@@ -137,15 +146,17 @@ class Jobs:
             proc.wait()
 
 
-def wait_for(condition, timeout: float, every: float = 0.5, what: str = "condition"):
-    """Poll `condition()` until it returns something truthy; fail after `timeout` seconds."""
+def wait_for(condition, timeout: float, every: float = 0.5, what: str = "condition", jobs=None):
+    """Poll `condition()` until it returns something truthy; fail after `timeout` seconds,
+    with the logs of `jobs` (a Jobs) when given."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(every)
-    raise TimeoutError(f"{what} not met within {timeout} s")
+    logs = f"\n{jobs.report()}" if jobs is not None else ""
+    raise TimeoutError(f"{what} not met within {timeout} s{logs}")
 
 
 def live_group_members(pgid: int) -> list[int]:

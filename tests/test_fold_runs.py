@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import mlflow
 
-from training import kfold
 from training.fold_runs import latest_finished_fold_runs
+from training.kfold_folds import fold_states
 
 
 def _job_with_reruns() -> tuple[str, dict[str, str]]:
@@ -45,7 +45,8 @@ def test_the_newest_finished_run_of_each_fold_counts(tracking):
 def test_kfold_summary_counts_the_runs_promotion_counts(tracking):
     parent, _ = _job_with_reruns()
     counted = latest_finished_fold_runs(parent, folds=3)
-    assert kfold.finished_folds(parent, 3) == {f: run.info.run_id for f, run in counted.items()}
+    finished = fold_states(parent, 3, grace_seconds=60).finished
+    assert finished == {f: run.info.run_id for f, run in counted.items()}
 
 
 def test_only_fold_runs_left_running_are_marked_failed(tracking):
@@ -60,7 +61,7 @@ def test_only_fold_runs_left_running_are_marked_failed(tracking):
     stale_fold = client.create_run(
         experiment, tags={"mlflow.parentRunId": parent, "job": "train", "fold": "2"}
     ).info.run_id
-    kfold.finished_folds(parent, 3)
+    fold_states(parent, 3, grace_seconds=0)  # every RUNNING run without a heartbeat is stale
     assert client.get_run(launcher).info.status == "RUNNING"
     assert "superseded" not in client.get_run(launcher).data.tags
     assert client.get_run(stale_fold).info.status == "FAILED"

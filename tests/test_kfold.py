@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import TINY, all_runs, write_digits
+from servers import wait_for
 
 from training import kfold
 from training.data import DataError
-from training.kfold import KFoldConfig, KFoldError, run_kfold
+from training.kfold_aggregate import claim_aggregation
+from training.kfold_folds import fold_states
+from training.kfold_job import KFoldConfig, KFoldError, check_parent, prepare_job
+from training.kfold_pipeline import run_kfold
 from training.splits import assign_folds
+from training.tracking import HEARTBEAT_TAG, RunTracker, heartbeat_age
 
 JOB = {**TINY, "stage1_epochs": 1, "stage2_epochs": 1, "folds": 3}
 
@@ -137,7 +144,9 @@ def _env(store) -> dict:
 
 
 def test_killed_job_resumes_to_the_same_result(store, digits_dir):
-    args = ["--data", str(digits_dir), *_argv(JOB), "--run_name", "killed"]
+    # Short heartbeats: the dead fold run is taken for dead 3 s after its last beat.
+    beats = ["--heartbeat_seconds", "1", "--heartbeat_grace_seconds", "3"]
+    args = ["--data", str(digits_dir), *_argv(JOB), "--run_name", "killed", *beats]
     process = subprocess.Popen(
         [sys.executable, "-m", "training.kfold", *args],
         env=_env(store),
@@ -164,6 +173,8 @@ def test_killed_job_resumes_to_the_same_result(store, digits_dir):
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert mlflow.get_run(parent_id).info.status == "RUNNING"  # nothing ended it
+    dead = _children(parent_id).query("`tags.fold` == '1'")["run_id"].item()
+    wait_for(lambda: heartbeat_age(mlflow.get_run(dead)) > 3, 60, 0.5, "a stale heartbeat")
 
     done = _run_cli([*args, "--parent_run_id", parent_id], _env(store))
     assert done.returncode == 0, done.stderr
@@ -171,6 +182,7 @@ def test_killed_job_resumes_to_the_same_result(store, digits_dir):
     finished = children[children["status"] == "FINISHED"]
     assert sorted(finished["tags.fold"].astype(int)) == [0, 1, 2]
     assert set(children["status"]) <= {"FINISHED", "FAILED"}  # the dead fold run: FAILED
+    assert mlflow.get_run(dead).info.status == "FAILED"
     reference = _oof(store["reference"].parent_run_id)
     resumed = _oof(parent_id)
     assert (reference["path"] == resumed["path"]).all()
@@ -228,3 +240,89 @@ def test_parent_that_is_not_a_kfold_job_or_other_data_is_refused(store, tmp_path
     assert "data_digest" in capsys.readouterr().err
     with pytest.raises(KFoldError, match="other settings"):
         run_kfold(KFoldConfig(**{**cfg, "dropout": 0.5, "parent_run_id": parent}))
+
+
+def test_a_live_sibling_is_left_alone_and_only_a_stale_one_is_failed(tracking):
+    """Two fold processes at once used to mark each other FAILED: every RUNNING sibling was
+    taken for dead. Now only a run whose heartbeat is older than the grace period is."""
+    client = mlflow.MlflowClient()
+    with RunTracker("tests", "job") as parent:
+        pass
+    dead = client.create_run(  # left RUNNING by a process that died two minutes ago
+        mlflow.get_run(parent.run_id).info.experiment_id,
+        tags={
+            "mlflow.parentRunId": parent.run_id,
+            "fold": "1",
+            HEARTBEAT_TAG: str(time.time() - 120),
+        },
+    ).info.run_id
+    with RunTracker("tests", "fold 0", parent.run_id, {"fold": 0}, heartbeat_seconds=1) as live:
+        first_beat = mlflow.get_run(live.run_id).data.tags[HEARTBEAT_TAG]
+        states = fold_states(parent.run_id, folds=2, grace_seconds=30)
+        assert states.live == {0: live.run_id}
+        assert mlflow.get_run(live.run_id).info.status == "RUNNING"
+        assert mlflow.get_run(dead).info.status == "FAILED"
+        beat = lambda: mlflow.get_run(live.run_id).data.tags[HEARTBEAT_TAG]  # noqa: E731
+        wait_for(lambda: beat() != first_beat, 30, 0.2, "the heartbeat renewed")
+    assert mlflow.get_run(live.run_id).info.status == "FINISHED"
+
+
+def test_of_processes_claiming_one_aggregation_at_once_exactly_one_wins(tracking):
+    """The claim behind 'exactly one process aggregates': a param MLflow never changes."""
+    with RunTracker("tests", "job") as parent:
+        pass
+    finished = {0: "a" * 32, 1: "b" * 32}
+    with ThreadPoolExecutor(6) as pool:
+        wins = list(pool.map(lambda _: claim_aggregation(parent.run_id, finished), range(6)))
+    assert wins.count(True) == 1
+    assert claim_aggregation(parent.run_id, {**finished, 1: "c" * 32})  # a new set of runs
+
+
+def test_fold_processes_started_at_once_both_finish_and_one_aggregates(store, digits_dir):
+    """Two hand-launched fold processes on the same job, started together: neither fails the
+    other's fold run, both finish, and the summary is written exactly once (the old fold
+    processes read the finished folds before training, so neither ever aggregated)."""
+    two = {**JOB, "folds": 2}
+    cfg = KFoldConfig(data=str(digits_dir), **two, prepare_only=True, run_name="race")
+    parent_id = run_kfold(cfg).parent_run_id
+    base = ["--data", str(digits_dir), *_argv(two), "--parent_run_id", parent_id]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "training.kfold", *base, "--fold", str(fold)],
+            env=_env(store),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for fold in (0, 1)
+    ]
+    logs = [worker.communicate(timeout=300)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], logs
+    children = _children(parent_id)
+    assert sorted(children["tags.fold"].astype(int)) == [0, 1]
+    assert set(children["status"]) == {"FINISHED"}  # nobody was taken for dead
+    assert "superseded" not in children or children["tags.superseded"].isna().all()
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["kfold_state"] == "complete"
+    history = mlflow.MlflowClient().get_metric_history(parent_id, "oof_f1_macro")
+    assert len(history) == 1  # aggregated once
+    claims = [k for k in parent.data.params if k.startswith("aggregated_by_")]
+    assert len(claims) == 1
+    assert sum("aggregated by another process" in log for log in logs) <= 1
+
+
+def test_a_fold_process_elsewhere_may_differ_in_data_path_device_and_workers(
+    store, digits_dir, tmp_path
+):
+    """Job identity is the data's content, the folds and what is trained: a copy of the data
+    in another folder, another device, DataLoader workers or executor are the same job (they
+    used to be refused: every param was compared, the fold digest hashed the paths)."""
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(digits_dir, copy)
+    elsewhere = {"data": str(copy), "device": "cpu", "num_workers": 1, "max_retries": 0}
+    job = prepare_job(KFoldConfig(**{**store["cfg"].__dict__, **elsewhere}))
+    check_parent(job, store["reference"].parent_run_id)  # no error: the same job
+    with pytest.raises(KFoldError, match="other settings"):
+        check_parent(
+            prepare_job(KFoldConfig(**{**store["cfg"].__dict__, **elsewhere, "dropout": 0.5})),
+            store["reference"].parent_run_id,
+        )

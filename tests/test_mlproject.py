@@ -20,7 +20,7 @@ from registry.config import (  # noqa: E402
 )
 from training.config import TrainConfig  # noqa: E402
 from training.demo_data import DemoDataConfig  # noqa: E402
-from training.kfold import KFoldConfig  # noqa: E402
+from training.kfold_job import KFoldConfig  # noqa: E402
 from training.mlproject import render  # noqa: E402
 from tuning.config import TuneConfig  # noqa: E402
 

@@ -37,7 +37,9 @@ from training import gradcam
 from training.calibration import fit_temperature, scaled_log_probs
 from training.data import decode_image
 from training.fold_runs import latest_finished_fold_runs
-from training.kfold import KFoldConfig, prepare_job, run_kfold, train_fold
+from training.kfold_folds import train_fold
+from training.kfold_job import KFoldConfig, prepare_job
+from training.kfold_pipeline import run_kfold
 from training.model import create_classifier
 from training.tracking import load_artifact_csv
 from training.transforms import eval_transform, to_tensor

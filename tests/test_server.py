@@ -81,10 +81,7 @@ def test_a_killed_tuning_worker_fails_its_trial_which_is_retried_once(
     argv += ["--n_trials", "6", "--study_trials", "4"]
     env = job_env(uri)
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
-    victim, survivor = (
-        jobs.module("tuning.tune", [*argv, "--run_name", name], env, tmp_path, log)
-        for name, log in zip(("victim", "survivor"), logs, strict=True)
-    )
+    victim = jobs.module("tuning.tune", [*argv, "--run_name", "victim"], env, tmp_path, logs[0])
 
     def victims_running_trial():
         runs = runs_of(uri, experiment)
@@ -98,7 +95,10 @@ def test_a_killed_tuning_worker_fails_its_trial_which_is_retried_once(
             None,
         )
 
-    trial_run = wait_for(victims_running_trial, 120, 0.2, "a running trial of the victim")
+    trial_run = wait_for(victims_running_trial, 120, 0.2, "a running trial of the victim", jobs)
+    # The survivor starts now, so it is surely still at work when the victim's trial goes
+    # stale (started together, on a loaded machine it once finished the study first).
+    survivor = jobs.module("tuning.tune", [*argv, "--run_name", "survivor"], env, tmp_path, logs[1])
     victim.kill()  # SIGKILL: no cleanup of any kind
     victim.wait()
     killed_at = time.monotonic()
@@ -106,11 +106,11 @@ def test_a_killed_tuning_worker_fails_its_trial_which_is_retried_once(
 
     study = optuna.load_study(study_name="killed", storage=create_storage(storage))
     trial_state = lambda: study.get_trials(deepcopy=False)[killed_trial].state  # noqa: E731
-    wait_for(lambda: trial_state() == optuna.trial.TrialState.FAIL, 60, 0.2, "trial FAIL")
+    wait_for(lambda: trial_state() == optuna.trial.TrialState.FAIL, 120, 0.2, "trial FAIL", jobs)
     seconds_to_fail = time.monotonic() - killed_at
     client = mlflow.MlflowClient(tracking_uri=uri)
     run_status = lambda: client.get_run(trial_run.info.run_id).info.status  # noqa: E731
-    wait_for(lambda: run_status() == "FAILED", 60, 0.2, "trial run FAILED")
+    wait_for(lambda: run_status() == "FAILED", 60, 0.2, "trial run FAILED", jobs)
     to_failed_run = time.monotonic() - killed_at
     print(f"SIGKILL -> trial FAIL {seconds_to_fail:.1f} s, run FAILED {to_failed_run:.1f} s")
 
@@ -238,11 +238,11 @@ def _train_through_an_outage(cfg, uri, digits_dir, tmp_path, jobs, pids: list[in
 
     def run_past_epoch_two():
         runs = runs_of(uri, "server-down")
-        if runs and len(client.get_metric_history(runs[0].info.run_id, "val_loss")) >= 2:
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "val/loss")) >= 2:
             return runs[0]
         return None
 
-    run = wait_for(run_past_epoch_two, 180, 0.5, "the run's second epoch")
+    run = wait_for(run_past_epoch_two, 180, 0.5, "the run's second epoch", jobs)
     assert control.stop_tracking(cfg)
     assert not tracking.healthy(uri)
     time.sleep(30)
@@ -255,7 +255,7 @@ def _train_through_an_outage(cfg, uri, digits_dir, tmp_path, jobs, pids: list[in
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
     assert "Traceback" not in log.read_text()
-    for key in ("train_loss", "val_loss", "val_f1_macro", "lr", "epoch_seconds"):
+    for key in ("train/loss", "val/loss", "val/f1_macro", "train/lr", "train/seconds"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(epochs)), key  # every epoch, none twice
     assert "model_uri" in run.data.tags  # the logged model, after the outage

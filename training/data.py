@@ -35,6 +35,7 @@ class LabelledImages:
     source: str = ""
     duplicate_pairs: pd.DataFrame | None = None  # near-duplicate check; None = not run
     duplicate_groups: np.ndarray | None = None  # groups that keep near-copies together
+    file_hashes: list[str] = field(default_factory=list)  # SHA-1 of each file's bytes
 
     @property
     def labels(self) -> np.ndarray:
@@ -277,4 +278,5 @@ def load_labelled_images(
         skipped=skipped,
         digest=dataset_digest(kept, hashes),
         source=str(source),
+        file_hashes=hashes,
     )

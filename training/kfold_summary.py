@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import numpy as np
 import pandas as pd
@@ -42,13 +43,23 @@ class FoldSummary:
 
 
 def _fold_predictions(folds: pd.DataFrame, fold: int, run_id: str) -> pd.DataFrame:
-    """The fold run's validation predictions, checked to be that fold's images in order."""
+    """The fold run's validation predictions, checked to be that fold's images in order: the
+    same file names and labels (a fold process on another machine reads the data from
+    another folder, so the full paths may differ)."""
     predictions = load_artifact_csv(run_id, "evaluation/val_predictions.csv")
     members = folds.index[folds["fold"] == fold]
-    paths = folds.loc[members, "path"].to_numpy()
-    if len(predictions) != len(members) or not (predictions["path"].to_numpy() == paths).all():
+    expected = folds.loc[members]
+    same = len(predictions) == len(members) and all(
+        (_names(predictions["path"]) == _names(expected["path"]))
+        & (predictions["label"].astype(str).to_numpy() == expected["label"].astype(str).to_numpy())
+    )
+    if not same:
         raise ValueError(f"fold {fold} run {run_id}: predictions do not match folds")
     return predictions.set_index(members)
+
+
+def _names(paths: pd.Series) -> np.ndarray:
+    return paths.map(lambda path: PurePath(str(path)).name).to_numpy()
 
 
 def summarise_folds(

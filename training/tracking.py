@@ -6,10 +6,12 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from matplotlib import pyplot as plt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mlflow.entities import LoggedModelInput, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from training.config import ConfigError
@@ -38,6 +41,7 @@ HEADLINE_VIEW = "headline"  # opened by #/experiments/<id>/runs?viewStateShareKe
 
 DEFAULT_EXPERIMENT = "image-classifier"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
+HEARTBEAT_TAG = "heartbeat"  # a live run's last sign of life: Unix time in seconds
 
 # The run `mlflow run` created for this process (MLFLOW_RUN_ID), taken out of the environment
 # before any run starts: MLflow would otherwise make every new run *be* that run.
@@ -52,6 +56,33 @@ def configure_tracking() -> str:
     _launcher_run_id = os.environ.pop("MLFLOW_RUN_ID", None) or _launcher_run_id
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or None)  # None = default
     return mlflow.get_tracking_uri()
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a task in another process logs: the store and the experiment of its job."""
+
+    uri: str
+    experiment_id: str
+
+
+def tracking_target(experiment_id: str) -> TrackingTarget:
+    """This process's store as a URI another process can use: a relative SQLite path (the
+    default `sqlite:///mlflow.db`) made absolute, since a Ray worker's working directory is
+    not ours. Workers on other machines need an http(s):// tracking server."""
+    uri = configure_tracking()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return TrackingTarget(uri, experiment_id)
+
+
+def use_tracking_target(target: TrackingTarget) -> None:
+    """In a task's process: log to `target` (MLFLOW_EXPERIMENT_ID fixes the experiment, as
+    `mlflow run` does), never to a run id inherited from the launcher's environment."""
+    os.environ["MLFLOW_TRACKING_URI"] = target.uri
+    os.environ["MLFLOW_EXPERIMENT_ID"] = target.experiment_id
+    configure_tracking()
 
 
 def resolve_experiment_name(name: str) -> str:
@@ -163,10 +194,13 @@ class RunTracker:
         run_id: str | None = None,
         finish_on: tuple[type[BaseException], ...] = (),
         params: dict[str, Any] | None = None,
+        heartbeat_seconds: float = 0,
     ) -> None:
         """`run_id` resumes an existing run; exceptions in `finish_on` (e.g. Optuna's
         TrialPruned) are expected endings: the run ends FINISHED and the exception goes on.
-        `params` are logged on entry."""
+        `params` are logged on entry. `heartbeat_seconds` > 0: the `heartbeat` tag holds the
+        time, set when the run starts and renewed that often while it is open, so another
+        process can tell a live run from one whose process died (see heartbeat_age)."""
         self.experiment_name = experiment_name
         self.params = flatten_params(params or {})
         self.finish_on = finish_on
@@ -177,17 +211,24 @@ class RunTracker:
         self.run_id = ""
         self._run = None
         self.end_status = "FINISHED"  # e.g. SCHEDULED for a k-fold job waiting for its folds
+        self.heartbeat_seconds = heartbeat_seconds
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
 
     def __enter__(self) -> RunTracker:
         experiment_id = experiment_id_for(self.experiment_name)
         nested = mlflow.active_run() is not None or self.parent_run_id is not None
+        # As text: a tracking server's REST API takes string tags only (SQLite took ints).
+        tags = {key: str(value) for key, value in self.tags.items()}
+        if self.heartbeat_seconds:  # with the run's creation: never a live run without one
+            tags[HEARTBEAT_TAG] = _now()
         self._run = mlflow.start_run(
             run_id=self.resume_run_id,
             experiment_id=None if self.resume_run_id else experiment_id,
             run_name=self.run_name,
             parent_run_id=self.parent_run_id,
             nested=nested,
-            tags=self.tags,
+            tags=tags,
         )
         self.run_id = self._run.info.run_id
         self.parent_run_id = self.parent_run_id or self._run.data.tags.get("mlflow.parentRunId")
@@ -198,9 +239,31 @@ class RunTracker:
             except mlflow.exceptions.MlflowException as err:  # a UI nicety never stops a job
                 log.warning("could not save the runs table view 'headline metrics': %s", err)
         self.log_params(self.params)
+        if self.heartbeat_seconds:
+            self._start_heartbeat()
         return self
 
+    def _start_heartbeat(self) -> None:
+        client, run_id = MlflowClient(), self.run_id  # the client API: safe in any thread
+
+        def beat() -> None:
+            while not self._heartbeat_stop.wait(self.heartbeat_seconds):
+                try:
+                    client.set_tag(run_id, HEARTBEAT_TAG, _now())
+                except Exception as err:  # noqa: BLE001 - a store hiccup must not end the run
+                    log.warning("heartbeat of run %s not recorded: %s", run_id, err)
+
+        self._heartbeat_thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._heartbeat_thread.start()
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat_thread is not None:
+            self._heartbeat_stop.set()
+            self._heartbeat_thread.join()
+            self._heartbeat_thread = None
+
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._stop_heartbeat()
         if exc_type is None or (self.finish_on and issubclass(exc_type, self.finish_on)):
             status = self.end_status
         elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
@@ -412,6 +475,32 @@ def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
     client = MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
+
+
+def _now() -> str:
+    return f"{time.time():.3f}"
+
+
+def heartbeat_age(run: mlflow.entities.Run) -> float:
+    """Seconds since the run last showed it was alive: its `heartbeat` tag, else its start
+    (a run logged before heartbeats existed). Clocks of the machines must agree (NTP)."""
+    beat = run.data.tags.get(HEARTBEAT_TAG)
+    last = float(beat) if beat else (run.info.start_time or 0) / 1000
+    return time.time() - last
+
+
+def claim_param(run_id: str, key: str, value: str) -> bool:
+    """Log param `key`=`value` unless the run holds another value for it: True when this
+    call's value is the one logged. MLflow never changes a logged param (the store's unique
+    key decides between concurrent writers), so exactly one of several processes claiming
+    the same key with different values wins, on SQLite and over HTTP alike."""
+    try:
+        MlflowClient().log_param(run_id, key, value)
+    except MlflowException as err:
+        if err.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        return get_run(run_id).data.params.get(key) == value
+    return True
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from training.config import ConfigError, TrainConfig
+from training.executor import ExecutorConfig, validate_executor_fields
 from tuning.space import load_space
 from tuning.study import GRACE_SECONDS, HEARTBEAT_SECONDS, create_pruner
 
@@ -15,10 +16,10 @@ STORAGE_HINT = (
 
 
 @dataclasses.dataclass(frozen=True)
-class TuneConfig(TrainConfig):
+class TuneConfig(ExecutorConfig, TrainConfig):
     """A `train` config as the base of every trial, and how to search around it."""
 
-    n_trials: int = 12  # trials this invocation adds to the study (per worker process)
+    n_trials: int = 12  # trials this invocation adds to the study (split over its `workers`)
     study_trials: int = 0  # stop once the study holds this many complete or pruned trials,
     # whichever worker ran them (a dead worker's share is made up); 0 = no study-wide limit
     timeout: int = 0  # seconds this invocation may start new trials for; 0 = no limit
@@ -30,7 +31,8 @@ class TuneConfig(TrainConfig):
     enqueue_base: bool = True  # a new study's first trial is the base config's own values
     pruner: str = "median"  # median | wilcoxon | threshold | none, options as name:key=value,...
     cv: int = 0  # 0 = holdout objective; k >= 2 = mean macro F1 over k group-aware folds
-    n_jobs: int = 1  # trials run in parallel threads of this process
+    n_jobs: int = 1  # trials run in parallel threads of each worker process
+    workers: int = 1  # executor=ray: worker tasks, each running its share of the n_trials
     heartbeat_seconds: int = HEARTBEAT_SECONDS  # database storages: a running trial's beat
     heartbeat_grace_seconds: int = GRACE_SECONDS  # silent this long = dead worker: the trial
     # is failed (checked every heartbeat) and its parameters run once more
@@ -40,6 +42,7 @@ class TuneConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        validate_executor_fields(self)
         validate_tune_fields(self)
 
     @property
@@ -75,6 +78,19 @@ def validate_tune_fields(cfg: TuneConfig) -> None:
     _require(cfg.n_startup_trials >= 0, "n_startup_trials", cfg.n_startup_trials, "an integer >= 0")
     _require(cfg.cv == 0 or cfg.cv >= 2, "cv", cfg.cv, "0 (holdout) or a number of folds >= 2")
     _require(cfg.n_jobs >= 1, "n_jobs", cfg.n_jobs, "an integer >= 1")
+    _require(cfg.workers >= 1, "workers", cfg.workers, "an integer >= 1")
+    _require(
+        cfg.workers == 1 or cfg.executor == "ray",
+        "workers",
+        cfg.workers,
+        "1 with executor=local (use executor=ray, or start more tune processes on one storage)",
+    )
+    _require(
+        cfg.n_trials >= cfg.workers,
+        "n_trials",
+        cfg.n_trials,
+        f"at least one trial per worker (workers={cfg.workers})",
+    )
     beat, grace = cfg.heartbeat_seconds, cfg.heartbeat_grace_seconds
     _require(beat >= 1, "heartbeat_seconds", beat, "seconds >= 1")
     # One late beat (a busy database, a long GC pause) must not fail a live worker's trial.

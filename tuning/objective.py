@@ -36,6 +36,7 @@ class Objective:
         self.figures = cfg.trial_plots
         self.study_name = cfg.study_name
         self.parent_run_id: str | None = None
+        self.worker_key = ""  # a Ray tuning worker's key, kept on its trials (user attr)
         self.trial_numbers: list[int] = []  # trials of this process (list.append is atomic)
         if self.cv:
             self.fold_of = assign_folds(data.labels, data.split_groups, self.cv, cfg.seed)
@@ -51,6 +52,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.trial_numbers.append(trial.number)
+        if self.worker_key:
+            trial.set_user_attr("tune_worker", self.worker_key)
         cfg = dataclasses.replace(
             self.base,
             **suggest(trial, self.space, self.base),

@@ -251,7 +251,7 @@ def retried_trial_number(trial: optuna.Trial) -> int | None:
 
 def close_stale_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
     """A trial whose worker died: end its MLflow run (and fold runs, and the dead worker's
-    parent run) so nothing stays RUNNING, and tag it like any failed trial."""
+    own parent run) so nothing stays RUNNING, and tag it like any failed trial."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     log.warning("trial %d of a dead worker marked FAIL (run %s)", trial.number, run_id)
     if not run_id:
@@ -263,5 +263,10 @@ def close_stale_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
         set_run_status(run_id, "FAILED")
     set_run_tags(run_id, {"trial_state": "FAIL", "error": "worker stopped (stale heartbeat)"})
     parent_id = run.data.tags.get("mlflow.parentRunId")
-    if parent_id and get_run(parent_id).info.status == "RUNNING":
+    if not parent_id:
+        return
+    parent = get_run(parent_id)
+    # A hand-launched worker's own parent died with it. With executor=ray the parent is the
+    # study's one run, held by the driver, and Ray runs the dead worker again.
+    if parent.info.status == "RUNNING" and parent.data.tags.get("executor") != "ray":
         set_run_status(parent_id, "KILLED")
