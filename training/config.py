@@ -15,6 +15,7 @@ SCHEDULERS = ("plateau", "cosine", "none")
 LOSSES = ("cross_entropy", "label_smoothing", "focal")
 AUGMENTS = ("base", "random", "facecrop", "none")
 MONITORS = {"val_f1_macro": "max", "val_accuracy": "max", "val_loss": "min"}
+KEEPS = ("best", "last")
 PRETRAINED_KEYWORDS = ("hub", "none", "lite0-pypi")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -36,7 +37,7 @@ class TrainConfig:
     stage1_lr: float = 1e-3
     stage2_epochs: int = 20  # last `unfreeze_blocks` backbone blocks + head
     stage2_lr: float = 1e-4
-    unfreeze_blocks: int = 3
+    unfreeze_blocks: int = 3  # stage 2: last N blocks (stages) + head conv/final norm; -1 = all
     dropout: float = 0.3
     class_weights: str = "auto"  # auto (inverse frequency) | none | comma list, one per class
     class_weight_strength: float = 1.0  # blend: 0 = uniform, 1 = the weights above
@@ -49,6 +50,7 @@ class TrainConfig:
     lr_patience: int = 2  # epochs without improvement before plateau lowers the lr
     patience: int = 5  # early stopping: epochs without improvement of `monitor`
     monitor: str = "val_f1_macro"  # val_f1_macro | val_accuracy | val_loss
+    keep: str = "best"  # weights kept per stage: best (by `monitor`) | last epoch
     val_fraction: float = 0.2
     path_column: str = "path"  # CSV manifest: image path column
     label_column: str = "label"  # CSV manifest: label column (one manifest, many tasks)
@@ -105,7 +107,7 @@ def validate_train_fields(cfg: TrainConfig) -> None:
         _require(epochs >= 0, f"stage{stage}_epochs", epochs, "an integer >= 0")
         _require(math.isfinite(lr) and lr > 0, f"stage{stage}_lr", lr, "a positive number")
     _require(cfg.stage1_epochs + cfg.stage2_epochs > 0, "stage1_epochs", 0, "some epochs")
-    _require(cfg.unfreeze_blocks >= 0, "unfreeze_blocks", cfg.unfreeze_blocks, "an integer >= 0")
+    _require(cfg.unfreeze_blocks >= -1, "unfreeze_blocks", cfg.unfreeze_blocks, "-1 (all) or >= 0")
     _require(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "a number in [0, 1)")
     parse_class_weights(cfg.class_weights)
     _require(
@@ -125,6 +127,7 @@ def validate_train_fields(cfg: TrainConfig) -> None:
     _require(cfg.lr_patience >= 0, "lr_patience", cfg.lr_patience, "an integer >= 0")
     _require(cfg.patience >= 1, "patience", cfg.patience, "an integer >= 1")
     _require(cfg.monitor in MONITORS, "monitor", cfg.monitor, f"one of {tuple(MONITORS)}")
+    _require(cfg.keep in KEEPS, "keep", cfg.keep, f"one of {KEEPS}")
     _require(0 < cfg.val_fraction < 1, "val_fraction", cfg.val_fraction, "a number in (0, 1)")
     _require(bool(cfg.label_column), "label_column", cfg.label_column, "a column name")
     _require(cfg.augment in AUGMENTS, "augment", cfg.augment, f"one of {AUGMENTS}")

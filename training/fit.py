@@ -40,14 +40,15 @@ class Stage:
     name: str
     epochs: int
     lr: float
-    unfreeze_blocks: int | None  # backbone groups that train; 0 = head only, None = all
+    unfreeze_blocks: int | None  # backbone blocks that train; 0 = head only, None = all
 
 
 def stages_from(cfg: TrainConfig) -> list[Stage]:
-    """Seed 000's two stages: frozen backbone, then the last N groups unfrozen."""
+    """Seed 000's two stages: frozen backbone, then the last N blocks unfrozen (-1: all)."""
+    unfreeze = None if cfg.unfreeze_blocks < 0 else cfg.unfreeze_blocks
     return [
         Stage("stage1", cfg.stage1_epochs, cfg.stage1_lr, 0),
-        Stage("stage2", cfg.stage2_epochs, cfg.stage2_lr, cfg.unfreeze_blocks),
+        Stage("stage2", cfg.stage2_epochs, cfg.stage2_lr, unfreeze),
     ]
 
 
@@ -179,15 +180,18 @@ def fit(
                 targets, probs.argmax(axis=1), labels=np.arange(probs.shape[1])
             )
             value = record[cfg.monitor]
-            if _improved(value, best_value, mode):
+            improved = _improved(value, best_value, mode)
+            if improved:
                 best_value, stale = value, 0
+            else:
+                stale += 1
+            if improved or cfg.keep == "last":
                 result.stage_best[stage.name] = (_copy_state(model), dict(record))
-                if _improved(value, result.best_epoch.get(cfg.monitor), mode):
+                overall = result.best_epoch.get(cfg.monitor)
+                if cfg.keep == "last" or _improved(value, overall, mode):
                     result.best_state = result.stage_best[stage.name][0]
                     result.best_epoch = dict(record)
                     result.val_probs, result.val_targets = probs, targets
-            else:
-                stale += 1
             if on_epoch is not None:
                 on_epoch(record)
             if scheduler is not None:

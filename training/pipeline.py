@@ -13,10 +13,10 @@ import torch
 from training.config import TrainConfig, config_to_dict, config_to_yaml
 from training.data import LabelledImages
 from training.engine import ImageArrayDataset, make_loader, pick_device
-from training.fit import fit
+from training.fit import fit, stages_from
 from training.losses import create_loss, resolve_class_weights
 from training.metric_keys import epoch_metrics
-from training.model import Classifier, ModelInfo, create_classifier
+from training.model import Classifier, ModelInfo, backbone_parts, create_classifier
 from training.run_results import (
     input_example,
     log_checkpoints,
@@ -118,6 +118,8 @@ def execute(
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     meta = model_metadata(plan)
+    parts = backbone_parts(plan.model.backbone)
+    stage2 = stages_from(cfg)[1]
     tracker.log_params(
         {
             **config_to_dict(cfg),
@@ -130,6 +132,8 @@ def execute(
             "skipped_images": len(data.skipped),
             "data_digest": data.digest,
             "device_used": device.type,
+            "backbone_blocks": len(parts.blocks),
+            "stage2_unfrozen": ", ".join(parts.unfrozen_modules(stage2.unfreeze_blocks)) or "none",
             "torch_threads": torch.get_num_threads(),
         }
     )
