@@ -13,7 +13,7 @@ import yaml
 OPTIMIZERS = ("adam", "adamw", "adamp", "sgd", "momentum")
 SCHEDULERS = ("plateau", "cosine", "none")
 LOSSES = ("cross_entropy", "label_smoothing", "focal")
-AUGMENTS = ("base", "random", "facecrop", "none")
+AUGMENTS = ("base", "flip", "random", "trivial", "facecrop", "none")
 MONITORS = {"val_f1_macro": "max", "val_accuracy": "max", "val_loss": "min"}
 KEEPS = ("best", "last")
 PRETRAINED_KEYWORDS = ("hub", "none", "lite0-pypi")
@@ -46,8 +46,15 @@ class TrainConfig:
     focal_gamma: float = 2.0  # used by loss=focal
     optimizer: str = "adam"  # adam | adamw | adamp | sgd | momentum
     weight_decay: float = 1e-4
+    layer_decay: float = 1.0  # stage 2 lr x this per block below the top (timm LLRD); 1 = off
     scheduler: str = "plateau"  # plateau | cosine | none
+    warmup_epochs: int = 0  # stage 2 starts at lr/10 and reaches lr after this many epochs
     lr_patience: int = 2  # epochs without improvement before plateau lowers the lr
+    ema_decay: float = 0.0  # stage 2 keeps an EMA of the weights (timm ModelEmaV3); 0 = off
+    mixup: float = 0.0  # stage 2 mixup alpha (timm Mixup); 0 = off
+    cutmix: float = 0.0  # stage 2 cutmix alpha; 0 = off
+    mix_prob: float = 1.0  # share of stage-2 batches mixed when mixup or cutmix is on
+    feature_cache: bool = True  # stage 1 trains the head on cached features when augment allows
     patience: int = 5  # early stopping: epochs without improvement of `monitor`
     monitor: str = "val_f1_macro"  # val_f1_macro | val_accuracy | val_loss
     keep: str = "best"  # weights kept per stage: best (by `monitor`) | last epoch
@@ -70,6 +77,11 @@ class TrainConfig:
     @property
     def monitor_mode(self) -> str:
         return MONITORS[self.monitor]
+
+    @property
+    def mixes(self) -> bool:
+        """Stage 2 mixes images (mixup or cutmix)."""
+        return self.mixup > 0 or self.cutmix > 0
 
     @property
     def effective_class_weights(self) -> str:
@@ -123,7 +135,18 @@ def validate_train_fields(cfg: TrainConfig) -> None:
     _require(cfg.focal_gamma >= 0, "focal_gamma", cfg.focal_gamma, "a number >= 0")
     _require(cfg.optimizer in OPTIMIZERS, "optimizer", cfg.optimizer, f"one of {OPTIMIZERS}")
     _require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
+    _require(0 < cfg.layer_decay <= 1, "layer_decay", cfg.layer_decay, "a number in (0, 1]")
     _require(cfg.scheduler in SCHEDULERS, "scheduler", cfg.scheduler, f"one of {SCHEDULERS}")
+    _require(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "an integer >= 0")
+    _require(0 <= cfg.ema_decay < 1, "ema_decay", cfg.ema_decay, "a number in [0, 1)")
+    for name in ("mixup", "cutmix"):
+        _require(getattr(cfg, name) >= 0, name, getattr(cfg, name), "an alpha >= 0 (0 = off)")
+    _require(0 < cfg.mix_prob <= 1, "mix_prob", cfg.mix_prob, "a number in (0, 1]")
+    if cfg.mixes:
+        _require(
+            cfg.loss != "focal", "loss", cfg.loss, "not focal with mixup/cutmix (soft targets)"
+        )
+        _require(cfg.batch_size % 2 == 0, "batch_size", cfg.batch_size, "even with mixup/cutmix")
     _require(cfg.lr_patience >= 0, "lr_patience", cfg.lr_patience, "an integer >= 0")
     _require(cfg.patience >= 1, "patience", cfg.patience, "an integer >= 1")
     _require(cfg.monitor in MONITORS, "monitor", cfg.monitor, f"one of {tuple(MONITORS)}")

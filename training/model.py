@@ -36,6 +36,19 @@ class Classifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
+    def group_matcher(self, coarse: bool = False):
+        """Layers for timm's layer-wise lr decay (create_optimizer_v2's `layer_decay`): the
+        stem, each backbone block as a user counts it (backbone_parts; the head convolution
+        or final norm with the last block), then the head. `coarse` changes nothing: the
+        decay runs over blocks, not timm's finer per-layer groups."""
+        parts = backbone_parts(self.backbone)
+        layer_of = {f"backbone.{name}": 0 for name in parts.stem}
+        for layer, block in enumerate(parts.blocks, start=1):
+            layer_of.update({f"backbone.{name}": layer for name in block})
+        layer_of.update({f"backbone.{name}": len(parts.blocks) for name in parts.final})
+        head = len(parts.blocks) + 1
+        return lambda name: layer_of.get(name, head)
+
 
 @dataclass(frozen=True)
 class ModelInfo:

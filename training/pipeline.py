@@ -13,6 +13,7 @@ import torch
 from training.config import TrainConfig, config_to_dict, config_to_yaml
 from training.data import LabelledImages
 from training.engine import ImageArrayDataset, make_loader, pick_device
+from training.feature_cache import CACHEABLE_AUGMENTS, CacheSource, cache_refusal
 from training.fit import fit, stages_from
 from training.losses import create_loss, resolve_class_weights
 from training.metric_keys import epoch_metrics
@@ -105,6 +106,25 @@ def model_metadata(plan: TrainingPlan) -> dict:
     }
 
 
+def stage1_cache(plan: TrainingPlan, plain_transform) -> tuple[CacheSource | None, str]:
+    """Whether stage 1 trains on cached features, and the run's note saying so or why not."""
+    cfg = plan.cfg
+    if cfg.stage1_epochs == 0:
+        return None, "off: no stage 1"
+    refusal = cache_refusal(cfg.feature_cache, cfg.augment)
+    if refusal:
+        return None, f"off: {refusal}"
+    plain = ImageArrayDataset(
+        [plan.data.images[i] for i in plan.train_indices],
+        plan.data.labels[plan.train_indices],
+        plain_transform,
+    )
+    loader = make_loader(plain, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers)
+    mirrored = CACHEABLE_AUGMENTS[cfg.augment]
+    views = "the image and its mirror" if mirrored else "the image"
+    return CacheSource(loader, mirrored), f"on: features of {views}, computed once"
+
+
 def execute(
     plan: TrainingPlan,
     tracker: RunTracker,
@@ -165,6 +185,8 @@ def execute(
         train_set, cfg.batch_size, True, cfg.seed, cfg.num_workers, cfg.balanced_sampling
     )
     val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers)
+    cache_source, cache_note = stage1_cache(plan, val_set.transform)
+    tracker.log_params({"stage1_feature_cache": cache_note})
     loss_fn = create_loss(cfg.loss, plan.class_weights, cfg.label_smoothing, cfg.focal_gamma)
 
     def log_epoch(record: dict[str, float]) -> None:
@@ -173,7 +195,16 @@ def execute(
             on_epoch(record)
 
     result = fit(
-        plan.model, train_loader, val_loader, loss_fn, cfg, device, None, log_epoch, progress
+        plan.model,
+        train_loader,
+        val_loader,
+        loss_fn,
+        cfg,
+        device,
+        None,
+        log_epoch,
+        progress,
+        cache_source,
     )
     plan.model.load_state_dict(result.best_state)
     plan.model.to("cpu").eval()
