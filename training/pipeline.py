@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from training.config import TrainConfig, config_to_dict, config_to_yaml
 from training.data import LabelledImages
@@ -106,6 +108,41 @@ def model_metadata(plan: TrainingPlan) -> dict:
     }
 
 
+@dataclass
+class FitInputs:
+    """What `fit` takes besides the model and config, built from a plan (no side effects)."""
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    loss_fn: nn.Module
+    cache_source: CacheSource | None
+    cache_note: str  # the run's stage1_feature_cache param: on, or off and why
+
+
+def fit_inputs(plan: TrainingPlan) -> FitInputs:
+    """Loaders over the plan's split (training augmentation, deterministic validation view),
+    the loss with its class weights, and the stage-1 feature cache when allowed."""
+    cfg, data = plan.cfg, plan.data
+    mean, std = plan.model_info.mean, plan.model_info.std
+    train_set = ImageArrayDataset(
+        [data.images[i] for i in plan.train_indices],
+        data.labels[plan.train_indices],
+        train_transform(cfg.augment, cfg.image_size, mean, std, cfg.seed),
+    )
+    val_set = ImageArrayDataset(
+        [data.images[i] for i in plan.val_indices],
+        data.labels[plan.val_indices],
+        eval_transform(cfg.image_size, mean, std),
+    )
+    train_loader = make_loader(
+        train_set, cfg.batch_size, True, cfg.seed, cfg.num_workers, cfg.balanced_sampling
+    )
+    val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers)
+    cache_source, cache_note = stage1_cache(plan, val_set.transform)
+    loss_fn = create_loss(cfg.loss, plan.class_weights, cfg.label_smoothing, cfg.focal_gamma)
+    return FitInputs(train_loader, val_loader, loss_fn, cache_source, cache_note)
+
+
 def stage1_cache(plan: TrainingPlan, plain_transform) -> tuple[CacheSource | None, str]:
     """Whether stage 1 trains on cached features, and the run's note saying so or why not."""
     cfg = plan.cfg
@@ -167,27 +204,8 @@ def execute(
         skipped = pd.DataFrame(data.skipped, columns=["path", "reason"])
         tracker.log_csv(skipped, "data/skipped_images.csv")
 
-    images = data.images
-    labels = data.labels
-    train_set = ImageArrayDataset(
-        [images[i] for i in plan.train_indices],
-        labels[plan.train_indices],
-        train_transform(
-            cfg.augment, cfg.image_size, plan.model_info.mean, plan.model_info.std, cfg.seed
-        ),
-    )
-    val_set = ImageArrayDataset(
-        [images[i] for i in plan.val_indices],
-        labels[plan.val_indices],
-        eval_transform(cfg.image_size, plan.model_info.mean, plan.model_info.std),
-    )
-    train_loader = make_loader(
-        train_set, cfg.batch_size, True, cfg.seed, cfg.num_workers, cfg.balanced_sampling
-    )
-    val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers)
-    cache_source, cache_note = stage1_cache(plan, val_set.transform)
-    tracker.log_params({"stage1_feature_cache": cache_note})
-    loss_fn = create_loss(cfg.loss, plan.class_weights, cfg.label_smoothing, cfg.focal_gamma)
+    inputs = fit_inputs(plan)
+    tracker.log_params({"stage1_feature_cache": inputs.cache_note})
 
     def log_epoch(record: dict[str, float]) -> None:
         tracker.log_metrics(epoch_metrics(record, data.class_names), step=int(record["step"]))
@@ -196,15 +214,15 @@ def execute(
 
     result = fit(
         plan.model,
-        train_loader,
-        val_loader,
-        loss_fn,
+        inputs.train_loader,
+        inputs.val_loader,
+        inputs.loss_fn,
         cfg,
         device,
         None,
         log_epoch,
         progress,
-        cache_source,
+        inputs.cache_source,
     )
     plan.model.load_state_dict(result.best_state)
     plan.model.to("cpu").eval()
@@ -212,7 +230,9 @@ def execute(
     log_evaluation(tracker, plan, result, figures)
     log_checkpoints(tracker, plan, result, meta)
     name = tracker.run_name or "model"
-    model_uri = log_model(tracker, plan, result, meta, input_example(val_set), name)
+    model_uri = log_model(
+        tracker, plan, result, meta, input_example(inputs.val_loader.dataset), name
+    )
     best = {k: v for k, v in result.best_epoch.items() if k.startswith("val_") and "/" not in k}
     return TrainOutcome(
         run_id=tracker.run_id,

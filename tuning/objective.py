@@ -17,7 +17,7 @@ from training.pipeline import execute, plan_training
 from training.splits import assign_folds, holdout_split
 from training.tracking import RunTracker, set_run_tags
 from tuning.config import TuneConfig
-from tuning.space import SearchSpace, suggest
+from tuning.space import SearchSpace, suggest, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.trial_numbers.append(trial.number)
-        cfg = dataclasses.replace(
-            self.base,
-            **suggest(trial, self.space, self.base),
-            run_name=trial_run_name(trial.number),
-        )
+        values = suggest(trial, self.space, self.base)
+        cfg = trial_config(self.base, values, run_name=trial_run_name(trial.number))
         tracker = RunTracker(
             cfg.experiment_name,
             run_name=cfg.run_name,

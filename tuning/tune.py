@@ -50,7 +50,7 @@ def run(cfg: TuneConfig) -> TuneSummary:
         cfg.storage,
         cfg.study_name,
         TrialSeededTPESampler(cfg.sampler_seed, cfg.n_startup_trials),
-        create_pruner(cfg.pruner, cfg.pruner_warmup_steps),
+        create_pruner(cfg.pruner, cfg.pruner_warmup_steps, cfg.steps_per_trial),
         first_trial=first_trial,
     )
     if cfg.pruner.startswith("wilcoxon") and not cfg.cv:
