@@ -90,13 +90,15 @@ def train_one_epoch(
     mix: Callable | None = None,
     ema: nn.Module | None = None,
     on_features: bool = False,
+    freeze_bn_stats: bool = False,
 ) -> dict[str, float]:
     """Train for one pass over `loader`; return mean loss, accuracy, seconds and images/s.
 
     `mix` (timm's Mixup) mixes each even-sized batch and makes soft targets; `ema` (timm's
     ModelEmaV3) is updated after every step; `on_features` means the loader yields cached
-    backbone features (training.feature_cache) and only the head runs."""
-    train_mode(model)
+    backbone features (training.feature_cache) and only the head runs; `freeze_bn_stats`:
+    see training.model.train_mode."""
+    train_mode(model, freeze_bn_stats)
     frozen = backbone_is_frozen(model)
     amp = device.type == "cuda"
     total_loss, correct, seen = 0.0, 0, 0

@@ -267,6 +267,7 @@ def fit(
                         progress,
                         tools.mix,
                         tools.ema,
+                        freeze_bn_stats=cfg.freeze_bn_stats,
                     )
             except RuntimeError as err:  # e.g. Adam's overflow with an absurd learning rate
                 if "overflow" not in str(err):

@@ -259,13 +259,24 @@ def backbone_is_frozen(model: Classifier) -> bool:
     return not any(p.requires_grad for p in model.backbone.parameters())
 
 
-def train_mode(model: Classifier) -> None:
+def train_mode(model: Classifier, freeze_bn_stats: bool = False) -> None:
     """model.train(), except that parts with parameters, all frozen, stay in eval mode (their
     BatchNorm statistics must not drift); parameterless modules (dropout, activations)
     follow their parent. Set per module, never with a recursive .eval(): a ViT's root owns
-    cls_token / pos_embed, which stay frozen while its later blocks train."""
+    cls_token / pos_embed, which stay frozen while its later blocks train.
+
+    `freeze_bn_stats` keeps every BatchNorm of the backbone in eval mode, trainable ones
+    too: they normalise with their pretrained running statistics and do not re-estimate them
+    from the batches, while their scale and shift still train (Keras's fine-tuning advice).
+    On a few hundred images re-estimated statistics shift the features under the head that
+    stage 1 trained: on the ants-vs-bees photos, stage 2 at a learning rate of ~0 (only the
+    statistics moving) took held-out accuracy from 0.935 to 0.79 in two epochs."""
     model.train()
     _set_frozen_eval(model.backbone, parent_in_eval=False)
+    if freeze_bn_stats:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _set_frozen_eval(module: nn.Module, parent_in_eval: bool) -> None:
