@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEMO_EXPERIMENT ?= demo
 
-.PHONY: install install-ray demo test lint bench ui ui-screenshots server server-stop clean
+.PHONY: install install-ray demo test lint bench bench-real ui ui-screenshots server server-stop clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,12 @@ lint: install
 # Speed and memory against bare baselines (a few minutes; rewrites BENCHMARKS.md).
 bench: install-ray
 	$(PYTHON) -m bench.run_all
+
+# The recipes on real photos (../shared/data/hymenoptera, outside the repo) against a bare
+# seed-000 script and a linear probe, 224 px: about 25 minutes on 2 cores; rewrites the
+# real-data section of BENCHMARKS.md.
+bench-real: install
+	$(PYTHON) -m bench.real_data
 
 # MLflow's default store (./mlflow.db, artifacts in ./mlruns); the link opens the
 # model-training view (a new browser otherwise starts in the GenAI one).

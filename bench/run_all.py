@@ -177,6 +177,23 @@ def details(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+KEPT = ("<!-- bench-real:start -->", "<!-- bench-real:end -->")  # bench/real_data.py's part
+
+
+def kept_section(path: Path) -> str:
+    """The real-data section another bench writes into the same file (kept verbatim)."""
+    text = path.read_text() if path.is_file() else ""
+    start, end = KEPT
+    if start not in text or end not in text:
+        return ""
+    return start + text.split(start, 1)[1].split(end, 1)[0] + end + "\n"
+
+
+def with_kept(text: str, path: Path) -> str:
+    kept = kept_section(path)
+    return text + ("\n" + kept if kept else "")
+
+
 def render(results: dict[str, dict], command: str, seconds: float, date: str = "") -> str:
     info = machine()
     date = date or f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
@@ -222,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(RESULTS.read_text())
         meta = saved["meta"]
         text = render(saved["figures"], meta["command"], meta["seconds"], meta["date"])
-        Path(args.output).write_text(text)
+        Path(args.output).write_text(with_kept(text, Path(args.output)))
         return 0
     start = time.perf_counter()
     results: dict[str, dict] = {}
@@ -238,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = "make bench" if not args.quick else "python -m bench.run_all --quick"
     date = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
-    Path(args.output).write_text(render(results, command, seconds, date))
+    text = render(results, command, seconds, date)
+    Path(args.output).write_text(with_kept(text, Path(args.output)))
     if not args.quick:
         meta = {"date": date, "command": command, "seconds": round(seconds, 1)}
         RESULTS.write_text(json.dumps({"meta": meta, "figures": results}, indent=2) + "\n")

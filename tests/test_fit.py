@@ -85,7 +85,9 @@ def test_a_nan_validation_loss_ends_the_stage_as_diverged(loaders):
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_var.fill_(-1e6)
-    cfg = TrainConfig(model="test_resnet", pretrained="none", monitor="val_loss")
+    cfg = TrainConfig(
+        model="test_resnet", pretrained="none", monitor="val_loss", freeze_bn_stats=False
+    )
     loss = create_loss("cross_entropy", None, 0.0, 0.0)
     with pytest.raises(DivergedError, match="all epoch 1: validation loss nan"):
         fit(model, *loaders, loss, cfg, CPU, [Stage("all", 3, 1e-3, None)], progress=False)
@@ -119,3 +121,18 @@ def test_only_fully_frozen_parts_are_in_eval_mode(model_name):
         assert all(m.training == trainable for m in block.modules()), block
     assert model.backbone.training  # a ViT's root owns frozen cls_token / pos_embed
     assert model.head.training
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_bn_stats_keeps_pretrained_statistics_while_their_blocks_train(loaders, freeze):
+    torch.manual_seed(0)
+    model, _ = create_classifier("test_efficientnet", 4, 0.0, "none")
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    cfg = TrainConfig(model="test_efficientnet", pretrained="none", freeze_bn_stats=freeze)
+    loss = create_loss("cross_entropy", None, 0.0, 0.0)
+    fit(model, *loaders, loss, cfg, CPU, [Stage("stage2", 1, 1e-2, 2)], progress=False)
+    after = model.backbone.state_dict()
+    trained = "blocks.4.0.bn3"  # a BatchNorm of the last block, which trains
+    assert not torch.equal(after[f"{trained}.weight"], before[f"{trained}.weight"])
+    stats_kept = torch.equal(after[f"{trained}.running_mean"], before[f"{trained}.running_mean"])
+    assert stats_kept == freeze

@@ -18,7 +18,9 @@ from training.model import (
     LITE0_MODEL,
     WeightsError,
     backbone_groups,
+    backbone_parts,
     create_classifier,
+    set_trainable,
 )
 from training.splits import holdout_split
 from training.transforms import eval_transform, train_transform
@@ -167,3 +169,52 @@ def test_a_weights_file_that_needs_unpickling_is_refused(tmp_path):
     torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1)}, path)  # as scripts do
     with pytest.raises(WeightsError, match="holds pickled Python objects besides tensors"):
         create_classifier("test_resnet", 3, 0.2, str(path))
+
+
+def _trainable_prefixes(model) -> set[str]:
+    return {
+        name.rsplit(".", 1)[0]
+        for name, param in model.backbone.named_parameters()
+        if param.requires_grad
+    }
+
+
+@pytest.mark.parametrize(
+    ("model_name", "blocks", "unfrozen"),
+    [
+        # seed 000's "last 3 blocks" of an EfficientNet: stages 4-6, and the head
+        # convolution and its norm after them (not a block of their own)
+        (LITE0_MODEL, 7, ["blocks.4", "blocks.5", "blocks.6", "conv_head", "bn2"]),
+        ("test_resnet", 4, ["layer2", "layer3", "layer4"]),
+        ("test_vit", 6, ["blocks.3", "blocks.4", "blocks.5", "norm"]),
+        # timm gives convnext's head norm a group of its own: still not a block
+        ("test_convnext", 4, ["stages.1", "stages.2", "stages.3", "head.norm"]),
+    ],
+)
+def test_unfreeze_blocks_counts_the_blocks_a_user_counts(model_name, blocks, unfrozen):
+    model, _ = create_classifier(model_name, 2, 0.1, "none")
+    parts = backbone_parts(model.backbone)
+    assert len(parts.blocks) == blocks
+    assert parts.unfrozen_modules(3) == unfrozen
+    set_trainable(model, 3)
+    trainable = _trainable_prefixes(model)
+    for name, param in model.backbone.named_parameters():
+        expected = any(name == m or name.startswith(f"{m}.") for m in unfrozen)
+        assert param.requires_grad == expected, name
+    assert trainable  # something of the backbone trains
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_unfreeze_blocks_zero_all_and_more_than_there_are():
+    model, _ = create_classifier("test_vit", 2, 0.1, "none")
+    parts = backbone_parts(model.backbone)
+    set_trainable(model, 0)
+    assert not _trainable_prefixes(model)
+    assert parts.unfrozen_modules(0) == []
+    for count in (None, len(parts.blocks) + 1):
+        set_trainable(model, count)
+        assert all(p.requires_grad for p in model.backbone.parameters())  # stem included
+        assert parts.unfrozen_modules(count) == ["all"]
+    set_trainable(model, len(parts.blocks))  # every block, not the stem (patch embedding)
+    assert not model.backbone.patch_embed.proj.weight.requires_grad
+    assert model.backbone.blocks[0].norm1.weight.requires_grad

@@ -71,6 +71,9 @@ def test_run_finished_with_every_param(finished_run):
     assert run.data.params["stage2_lr"] == "0.001"
     assert run.data.params["weights_source"] == "none (random init)"
     assert run.data.params["skipped_images"] == "1"
+    # The run says what stage 2 unfroze and why stage 1 did not train on cached features.
+    assert run.data.params["stage2_unfrozen"] == "blocks.3, blocks.4, conv_head, bn2"
+    assert run.data.params["stage1_feature_cache"].startswith("off: augment=base changes pixels")
 
 
 def test_metrics_per_epoch_with_stage(finished_run):

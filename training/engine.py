@@ -87,20 +87,34 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     description: str = "train",
     progress: bool = True,
+    mix: Callable | None = None,
+    ema: nn.Module | None = None,
+    on_features: bool = False,
+    freeze_bn_stats: bool = False,
 ) -> dict[str, float]:
-    """Train for one pass over `loader`; return mean loss, accuracy, seconds and images/s."""
-    train_mode(model)
+    """Train for one pass over `loader`; return mean loss, accuracy, seconds and images/s.
+
+    `mix` (timm's Mixup) mixes each even-sized batch and makes soft targets; `ema` (timm's
+    ModelEmaV3) is updated after every step; `on_features` means the loader yields cached
+    backbone features (training.feature_cache) and only the head runs; `freeze_bn_stats`:
+    see training.model.train_mode."""
+    train_mode(model, freeze_bn_stats)
     frozen = backbone_is_frozen(model)
     amp = device.type == "cuda"
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=description, leave=False, disable=not progress)
-    for images, targets in bar:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        targets = targets.to(device, non_blocking=True)
+    for inputs, labels in bar:
+        inputs = inputs.to(device, non_blocking=True)
+        if not on_features:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        targets = labels
+        if mix is not None and len(labels) % 2 == 0:  # timm mixes a batch with its reverse
+            inputs, targets = mix(inputs, labels)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, enabled=amp):
-            logits = _forward(model, images, frozen)
+            logits = model.head(inputs) if on_features else _forward(model, inputs, frozen)
             loss = loss_fn(logits, targets)
         if scaler is not None and amp:
             scaler.scale(loss).backward()
@@ -109,9 +123,12 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        batch = targets.size(0)
+        if ema is not None:
+            ema.updates = getattr(ema, "updates", 0) + 1
+            ema.update(model, step=ema.updates)
+        batch = labels.size(0)
         total_loss += loss.item() * batch
-        correct += (logits.argmax(dim=1) == targets).sum().item()
+        correct += (logits.argmax(dim=1) == labels).sum().item()
         seen += batch
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
     seconds = time.perf_counter() - start

@@ -19,9 +19,12 @@ def report(outcome: KFoldOutcome) -> None:
         return
     s = outcome.summary
     print(
-        f"k-fold job {outcome.parent_run_id}: mean val macro F1 {s['mean_val_f1_macro']:.4f} "
-        f"± {s['std_val_f1_macro']:.4f}, out-of-fold macro F1 {s['oof_f1_macro']:.4f}, "
-        f"accuracy {s['oof_accuracy']:.4f}"
+        f"k-fold job {outcome.parent_run_id}: honest macro F1 {s['honest_val_f1_macro']:.4f} "
+        f"± {s['honest_std_val_f1_macro']:.4f} (accuracy {s['honest_val_accuracy']:.4f}; "
+        "each fold read at the epoch chosen on the other folds: quote this one)\n"
+        f"  kept weights out-of-fold macro F1 {s['oof_f1_macro']:.4f}, accuracy "
+        f"{s['oof_accuracy']:.4f}; best epoch per fold (chosen on the fold, optimistic) "
+        f"{s['mean_val_f1_macro']:.4f} ± {s['std_val_f1_macro']:.4f}"
     )
 
 

@@ -55,7 +55,10 @@ def aggregate(job: KFoldJob, parent: RunTracker, finished: dict[int, str]) -> di
     """Fill the job's summary from its finished fold runs (same result however they ran;
     the same values again when repeated on the same runs)."""
     names = job.data.class_names
-    summary = summarise_folds(job.folds_table(), names, finished)
+    cfg = job.cfg
+    summary = summarise_folds(
+        job.folds_table(), names, finished, cfg.monitor, cfg.monitor_mode, cfg.keep
+    )
     parent.log_metrics(summary.metrics)
     parent.log_csv(summary.per_fold, "folds/metrics.csv")
     parent.log_table(summary.per_fold, "folds/metrics.json")
@@ -99,11 +102,15 @@ def aggregate(job: KFoldJob, parent: RunTracker, finished: dict[int, str]) -> di
 
 
 def describe(job: KFoldJob, metrics: dict[str, float]) -> str:
+    """The parent's one-line description; the honest estimate first (the number to quote)."""
     cfg = job.cfg
     return (
-        f"{cfg.folds}-fold cross-validation of {cfg.model} on {len(job.data)} images "
-        f"({len(job.data.class_names)} classes): out-of-fold macro F1 "
+        f"honest macro F1 {metrics['honest_val_f1_macro']:.3f} "
+        f"± {metrics['honest_std_val_f1_macro']:.3f} (accuracy "
+        f"{metrics['honest_val_accuracy']:.3f}; each fold read at the epoch the other folds "
+        f"chose): {cfg.folds}-fold cross-validation of {cfg.model} on {len(job.data)} images "
+        f"({len(job.data.class_names)} classes). Kept weights out-of-fold macro F1 "
         f"{metrics['oof_f1_macro']:.3f} (accuracy {metrics['oof_accuracy']:.3f}, ECE "
-        f"{metrics['oof_ece']:.3f}); per fold {metrics['mean_val_f1_macro']:.3f} "
-        f"± {metrics['std_val_f1_macro']:.3f}"
+        f"{metrics['oof_ece']:.3f}); best epoch per fold, chosen on the fold itself "
+        f"(optimistic): {metrics['mean_val_f1_macro']:.3f} ± {metrics['std_val_f1_macro']:.3f}"
     )

@@ -8,6 +8,7 @@ from pathlib import PurePath
 import numpy as np
 import pandas as pd
 
+from training.honest_estimate import honest_fold_scores, honest_summary
 from training.metric_keys import safe_name
 from training.metrics import (
     classification_metrics,
@@ -33,7 +34,7 @@ FOLD_METRICS = (
 class FoldSummary:
     """Everything the k-fold parent logs, as plain data (figures are drawn by the caller)."""
 
-    per_fold: pd.DataFrame  # fold, run_id, the fold run's best_* metrics
+    per_fold: pd.DataFrame  # fold, run_id, the fold run's best_* metrics, its honest_* scores
     per_class: pd.DataFrame  # fold, class, f1, precision, recall (kept weights, val fold)
     oof: pd.DataFrame  # path, label, group, fold, predicted, prob_<class>... in data order
     metrics: dict[str, float]
@@ -63,11 +64,17 @@ def _names(paths: pd.Series) -> np.ndarray:
 
 
 def summarise_folds(
-    folds: pd.DataFrame, class_names: list[str], fold_runs: dict[int, str]
+    folds: pd.DataFrame,
+    class_names: list[str],
+    fold_runs: dict[int, str],
+    monitor: str = "val_f1_macro",
+    mode: str = "max",
+    keep: str = "best",
 ) -> FoldSummary:
     """`folds` has path, label, group, fold in dataset order; each fold run logged its
-    validation predictions in the same order (the order of its validation indices)."""
-    rows, class_rows, parts = [], [], []
+    validation predictions in the same order (the order of its validation indices) and its
+    per-epoch history (evaluation/history.csv), from which the honest estimate is read."""
+    rows, class_rows, parts, histories = [], [], [], {}
     prob_columns = [f"prob_{name}" for name in class_names]
     index_of = {name: i for i, name in enumerate(class_names)}
     for fold in sorted(fold_runs):
@@ -77,6 +84,7 @@ def summarise_folds(
             {"fold": fold, "run_id": run.info.run_id}
             | {m: metrics.get(f"best_{m}", np.nan) for m in FOLD_METRICS}
         )
+        histories[fold] = load_artifact_csv(run.info.run_id, "evaluation/history.csv")
         predictions = _fold_predictions(folds, fold, run.info.run_id)
         part = folds.loc[predictions.index].copy()
         part["predicted"] = predictions["predicted"].to_numpy()
@@ -91,7 +99,9 @@ def summarise_folds(
     oof = pd.concat(parts).sort_index()
     targets = oof["label"].map(index_of).to_numpy()
     probs = oof[prob_columns].to_numpy()
-    per_fold, per_class = pd.DataFrame(rows), pd.DataFrame(class_rows)
+    honest = honest_fold_scores(histories, monitor, mode, keep)
+    per_fold = pd.DataFrame(rows).merge(honest, on="fold")
+    per_class = pd.DataFrame(class_rows)
     return FoldSummary(
         per_fold=per_fold,
         per_class=per_class,
@@ -110,9 +120,12 @@ def summary_metrics(
     probs: np.ndarray,
     class_names: list[str],
 ) -> dict[str, float]:
-    """Out-of-fold figures (oof_*), fold mean and std of each fold metric, and per class the
-    fold mean and std (f1_mean/<class>, ..., sections of their own in the MLflow UI)."""
-    metrics = {f"oof_{k}": v for k, v in classification_metrics(targets, probs).items()}
+    """The honest estimate (honest_*: each fold read at the step chosen on the other folds,
+    training.honest_estimate), out-of-fold figures of the kept weights (oof_*), fold mean and
+    std of each fold's best-epoch metric (mean_*, std_*: chosen on the fold itself, so
+    optimistic), and per class the fold mean and std (f1_mean/<class>, ...)."""
+    metrics = honest_summary(per_fold)
+    metrics.update({f"oof_{k}": v for k, v in classification_metrics(targets, probs).items()})
     metrics["oof_ece"] = expected_calibration_error(targets, probs)
     for name in FOLD_METRICS:
         metrics[f"mean_{name}"] = float(per_fold[name].mean())

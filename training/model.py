@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,19 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
+
+    def group_matcher(self, coarse: bool = False):
+        """Layers for timm's layer-wise lr decay (create_optimizer_v2's `layer_decay`): the
+        stem, each backbone block as a user counts it (backbone_parts; the head convolution
+        or final norm with the last block), then the head. `coarse` changes nothing: the
+        decay runs over blocks, not timm's finer per-layer groups."""
+        parts = backbone_parts(self.backbone)
+        layer_of = {f"backbone.{name}": 0 for name in parts.stem}
+        for layer, block in enumerate(parts.blocks, start=1):
+            layer_of.update({f"backbone.{name}": layer for name in block})
+        layer_of.update({f"backbone.{name}": len(parts.blocks) for name in parts.final})
+        head = len(parts.blocks) + 1
+        return lambda name: layer_of.get(name, head)
 
 
 @dataclass(frozen=True)
@@ -159,16 +173,83 @@ def backbone_groups(backbone: nn.Module) -> list[list[str]]:
     return [grouped[key] for key in sorted(grouped)]
 
 
+@dataclass(frozen=True)
+class BackboneParts:
+    """The backbone as a user counts it: the stem, its blocks (stages) in order, and the
+    final parts after the last block (a head convolution and its norm, a final norm)."""
+
+    stem: list[str]
+    blocks: list[list[str]]  # parameter names of each block, input side first
+    block_names: list[str]  # e.g. "blocks.4", "layer3"
+    final: list[str]  # parameter names of conv_head / bn2 / norm ...
+
+    def unfrozen(self, unfreeze_blocks: int | None) -> list[str]:
+        """Parameter names that train with the last `unfreeze_blocks` blocks (None or more
+        than there are blocks: the whole backbone, stem included); the final parts train
+        with any block."""
+        if unfreeze_blocks is None or unfreeze_blocks > len(self.blocks):
+            return self.stem + [n for block in self.blocks for n in block] + self.final
+        if unfreeze_blocks == 0:
+            return []
+        return [n for block in self.blocks[-unfreeze_blocks:] for n in block] + self.final
+
+    def unfrozen_modules(self, unfreeze_blocks: int | None) -> list[str]:
+        """Readable names of what trains, e.g. ['blocks.4', 'blocks.5', 'blocks.6',
+        'conv_head', 'bn2']; ['all'] for the whole backbone."""
+        if unfreeze_blocks is None or unfreeze_blocks > len(self.blocks):
+            return ["all"]
+        if unfreeze_blocks == 0:
+            return []
+        finals = dict.fromkeys(name.rsplit(".", 1)[0] for name in self.final)
+        return self.block_names[-unfreeze_blocks:] + list(finals)
+
+
+def _block_patterns(matcher: dict) -> list[re.Pattern]:
+    """The matcher's numbered block rules (not the MATCH_PREV_GROUP ones, which attach a
+    final norm or head convolution to the last block)."""
+    specs = matcher.get("blocks", [])
+    if isinstance(specs, str):
+        return [re.compile(specs)]
+    return [re.compile(pattern) for pattern, suffix in specs if suffix is None]
+
+
+def backbone_parts(backbone: nn.Module) -> BackboneParts:
+    """Split timm's coarse groups into stem, blocks and final parts. timm attaches a final
+    norm or head convolution to the last block's group (efficientnet's conv_head/bn2, a
+    ViT's norm), and maps parameters no rule matches to a group of their own after the
+    last block: neither is a block a user would count."""
+    patterns = _block_patterns(backbone.group_matcher(coarse=True))
+
+    def block_of(name: str) -> str:
+        """The block a parameter belongs to ('blocks.4', 'layer3'), '' for none."""
+        for pattern in patterns:
+            match = pattern.match(name)
+            if match:
+                return match.group(0).rstrip(".")
+        return ""
+
+    stem, blocks, names, final = [], [], [], []
+    for group in backbone_groups(backbone):
+        members = [name for name in group if block_of(name)]
+        if not members:
+            (final if blocks else stem).extend(group)
+            continue
+        blocks.append(members)
+        names.append(block_of(members[0]))
+        final.extend(name for name in group if not block_of(name))
+    return BackboneParts(stem, blocks, names, final)
+
+
 def set_trainable(model: Classifier, unfreeze_blocks: int | None) -> int:
-    """Head always trains; the backbone trains only in its last `unfreeze_blocks` groups
-    (None = all). Returns the number of trainable parameters."""
+    """Head always trains; the backbone trains only in its last `unfreeze_blocks` blocks
+    (stages) and the parts after them (head convolution, final norm); None = everything.
+    Returns the number of trainable parameters."""
     for param in model.backbone.parameters():
         param.requires_grad = unfreeze_blocks is None
     if unfreeze_blocks:
         named = dict(model.backbone.named_parameters())
-        for group in backbone_groups(model.backbone)[-unfreeze_blocks:]:
-            for name in group:
-                named[name].requires_grad = True
+        for name in backbone_parts(model.backbone).unfrozen(unfreeze_blocks):
+            named[name].requires_grad = True
     for param in model.head.parameters():
         param.requires_grad = True
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -178,13 +259,24 @@ def backbone_is_frozen(model: Classifier) -> bool:
     return not any(p.requires_grad for p in model.backbone.parameters())
 
 
-def train_mode(model: Classifier) -> None:
+def train_mode(model: Classifier, freeze_bn_stats: bool = False) -> None:
     """model.train(), except that parts with parameters, all frozen, stay in eval mode (their
     BatchNorm statistics must not drift); parameterless modules (dropout, activations)
     follow their parent. Set per module, never with a recursive .eval(): a ViT's root owns
-    cls_token / pos_embed, which stay frozen while its later blocks train."""
+    cls_token / pos_embed, which stay frozen while its later blocks train.
+
+    `freeze_bn_stats` keeps every BatchNorm of the backbone in eval mode, trainable ones
+    too: they normalise with their pretrained running statistics and do not re-estimate them
+    from the batches, while their scale and shift still train (Keras's fine-tuning advice).
+    On a few hundred images re-estimated statistics shift the features under the head that
+    stage 1 trained: on the ants-vs-bees photos, stage 2 at a learning rate of ~0 (only the
+    statistics moving) took held-out accuracy from 0.935 to 0.79 in two epochs."""
     model.train()
     _set_frozen_eval(model.backbone, parent_in_eval=False)
+    if freeze_bn_stats:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _set_frozen_eval(module: nn.Module, parent_in_eval: bool) -> None:

@@ -9,15 +9,18 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from training.config import TrainConfig, config_to_dict, config_to_yaml
 from training.data import LabelledImages
 from training.engine import ImageArrayDataset, make_loader, pick_device
-from training.fit import fit
+from training.feature_cache import CACHEABLE_AUGMENTS, CacheSource, cache_refusal
+from training.fit import fit, stages_from
 from training.leakage import describe_pairs, leakage_metrics
 from training.losses import create_loss, resolve_class_weights
 from training.metric_keys import epoch_metrics
-from training.model import Classifier, ModelInfo, create_classifier
+from training.model import Classifier, ModelInfo, backbone_parts, create_classifier
 from training.run_results import (
     input_example,
     log_checkpoints,
@@ -116,6 +119,60 @@ def model_metadata(plan: TrainingPlan) -> dict:
     }
 
 
+@dataclass
+class FitInputs:
+    """What `fit` takes besides the model and config, built from a plan (no side effects)."""
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    loss_fn: nn.Module
+    cache_source: CacheSource | None
+    cache_note: str  # the run's stage1_feature_cache param: on, or off and why
+
+
+def fit_inputs(plan: TrainingPlan) -> FitInputs:
+    """Loaders over the plan's split (training augmentation, deterministic validation view),
+    the loss with its class weights, and the stage-1 feature cache when allowed."""
+    cfg, data = plan.cfg, plan.data
+    mean, std = plan.model_info.mean, plan.model_info.std
+    train_set = ImageArrayDataset(
+        [data.images[i] for i in plan.train_indices],
+        data.labels[plan.train_indices],
+        train_transform(cfg.augment, cfg.image_size, mean, std, cfg.seed),
+    )
+    val_set = ImageArrayDataset(
+        [data.images[i] for i in plan.val_indices],
+        data.labels[plan.val_indices],
+        eval_transform(cfg.image_size, mean, std),
+    )
+    train_loader = make_loader(
+        train_set, cfg.batch_size, True, cfg.seed, cfg.num_workers, cfg.balanced_sampling
+    )
+    val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers)
+    cache_source, cache_note = stage1_cache(plan, val_set.transform)
+    loss_fn = create_loss(cfg.loss, plan.class_weights, cfg.label_smoothing, cfg.focal_gamma)
+    return FitInputs(train_loader, val_loader, loss_fn, cache_source, cache_note)
+
+
+def stage1_cache(plan: TrainingPlan, plain_transform) -> tuple[CacheSource | None, str]:
+    """Whether stage 1 trains on cached features, and the run's note saying so or why not."""
+    cfg = plan.cfg
+    if cfg.stage1_epochs == 0:
+        return None, "off: no stage 1"
+    refusal = cache_refusal(cfg.feature_cache, cfg.augment)
+    if refusal:
+        return None, f"off: {refusal}"
+    plain = ImageArrayDataset(
+        [plan.data.images[i] for i in plan.train_indices],
+        plan.data.labels[plan.train_indices],
+        plain_transform,
+    )
+    loader = make_loader(plain, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers)
+    mirrored = CACHEABLE_AUGMENTS[cfg.augment]
+    views = "the image and its mirror" if mirrored else "the image"
+    return CacheSource(loader, mirrored), f"on: features of {views}, computed once"
+
+
 def execute(
     plan: TrainingPlan,
     tracker: RunTracker,
@@ -129,6 +186,8 @@ def execute(
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     meta = model_metadata(plan)
+    parts = backbone_parts(plan.model.backbone)
+    stage2 = stages_from(cfg)[1]
     tracker.log_params(
         {
             **config_to_dict(cfg),
@@ -141,6 +200,8 @@ def execute(
             "skipped_images": len(data.skipped),
             "data_digest": data.digest,
             "device_used": device.type,
+            "backbone_blocks": len(parts.blocks),
+            "stage2_unfrozen": ", ".join(parts.unfrozen_modules(stage2.unfreeze_blocks)) or "none",
             "torch_threads": torch.get_num_threads(),
         }
     )
@@ -155,25 +216,8 @@ def execute(
         skipped = pd.DataFrame(data.skipped, columns=["path", "reason"])
         tracker.log_csv(skipped, "data/skipped_images.csv")
 
-    images = data.images
-    labels = data.labels
-    train_set = ImageArrayDataset(
-        [images[i] for i in plan.train_indices],
-        labels[plan.train_indices],
-        train_transform(
-            cfg.augment, cfg.image_size, plan.model_info.mean, plan.model_info.std, cfg.seed
-        ),
-    )
-    val_set = ImageArrayDataset(
-        [images[i] for i in plan.val_indices],
-        labels[plan.val_indices],
-        eval_transform(cfg.image_size, plan.model_info.mean, plan.model_info.std),
-    )
-    train_loader = make_loader(
-        train_set, cfg.batch_size, True, cfg.seed, cfg.num_workers, cfg.balanced_sampling
-    )
-    val_loader = make_loader(val_set, cfg.batch_size * 2, False, cfg.seed, cfg.num_workers)
-    loss_fn = create_loss(cfg.loss, plan.class_weights, cfg.label_smoothing, cfg.focal_gamma)
+    inputs = fit_inputs(plan)
+    tracker.log_params({"stage1_feature_cache": inputs.cache_note})
 
     def log_epoch(record: dict[str, float]) -> None:
         tracker.log_metrics(epoch_metrics(record, data.class_names), step=int(record["step"]))
@@ -181,7 +225,16 @@ def execute(
             on_epoch(record)
 
     result = fit(
-        plan.model, train_loader, val_loader, loss_fn, cfg, device, None, log_epoch, progress
+        plan.model,
+        inputs.train_loader,
+        inputs.val_loader,
+        inputs.loss_fn,
+        cfg,
+        device,
+        None,
+        log_epoch,
+        progress,
+        inputs.cache_source,
     )
     plan.model.load_state_dict(result.best_state)
     plan.model.to("cpu").eval()
@@ -189,7 +242,9 @@ def execute(
     log_evaluation(tracker, plan, result, figures)
     log_checkpoints(tracker, plan, result, meta)
     name = tracker.run_name or "model"
-    model_uri = log_model(tracker, plan, result, meta, input_example(val_set), name)
+    model_uri = log_model(
+        tracker, plan, result, meta, input_example(inputs.val_loader.dataset), name
+    )
     best = {k: v for k, v in result.best_epoch.items() if k.startswith("val_") and "/" not in k}
     return TrainOutcome(
         run_id=tracker.run_id,

@@ -8,6 +8,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from torchvision.transforms.v2 import TrivialAugmentWide
 
 Normalisation = tuple[Sequence[float], Sequence[float]]
 
@@ -26,14 +27,20 @@ def train_transform(
     std: Sequence[float],
     seed: int | None = None,
 ) -> A.Compose:
-    """`base`: seed 000's flip + light colour jitter; `random`: RandAugment-style, two of a
-    pool of ops at random strength; `facecrop`: faces were cropped at decode time, then base;
-    `none`: resize and normalise only."""
+    """`base`: seed 000's flip + light colour jitter; `flip`: horizontal flip only (stage 1
+    can then train on cached features); `random`: RandAugment-style, two of a pool of ops at
+    random strength; `trivial`: TrivialAugment (torchvision's TrivialAugmentWide: one op of
+    its pool at a uniformly random strength per image) + flip; `facecrop`: faces were cropped
+    at decode time, then base; `none`: resize and normalise only."""
     if policy in ("base", "facecrop"):
         augment = [
             A.HorizontalFlip(p=0.5),
             A.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.0, hue=0.0, p=0.8),
         ]
+    elif policy == "flip":
+        augment = [A.HorizontalFlip(p=0.5)]
+    elif policy == "trivial":
+        augment = [A.Lambda(image=_trivial_augment, p=1.0), A.HorizontalFlip(p=0.5)]
     elif policy == "random":
         augment = [
             A.SomeOf(
@@ -59,6 +66,16 @@ def train_transform(
         raise ValueError(f"unknown augmentation policy {policy!r}")
     # Compose keeps its own RNG, untouched by global seeds: seed it for reproducible runs.
     return A.Compose(augment + _finish(image_size, mean, std), seed=seed)
+
+
+_TRIVIAL = TrivialAugmentWide()
+
+
+def _trivial_augment(image: np.ndarray, **_: object) -> np.ndarray:
+    """torchvision's TrivialAugmentWide on a uint8 HWC array (it draws from torch's global
+    RNG, which every run seeds)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return _TRIVIAL(tensor).numpy().transpose(1, 2, 0)
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:

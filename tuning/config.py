@@ -46,6 +46,11 @@ class TuneConfig(ExecutorConfig, TrainConfig):
         validate_tune_fields(self)
 
     @property
+    def steps_per_trial(self) -> int:
+        """What a trial reports: one step per epoch, or per fold with `cv`."""
+        return self.cv or self.stage1_epochs + self.stage2_epochs
+
+    @property
     def pruner_warmup_steps(self) -> int:
         """Epochs the median pruner waits before comparing trials: stage 1 and the first half
         of stage 2. Head-only scores and the dip after unfreezing do not rank how trials end

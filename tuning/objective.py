@@ -5,18 +5,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import numpy as np
 import optuna
+import pandas as pd
 
 from training.config import TrainConfig, config_to_dict, config_to_yaml, train_config_from
 from training.data import LabelledImages
 from training.fit import DivergedError
+from training.honest_estimate import honest_fold_scores, running_fold_score
 from training.names import trial_run_name
 from training.pipeline import execute, plan_training
 from training.splits import assign_folds, holdout_split
 from training.tracking import RunTracker, set_run_tags
 from tuning.config import TuneConfig
-from tuning.space import SearchSpace, suggest
+from tuning.space import SearchSpace, suggest, trial_config
 from tuning.study import retried_trial_number
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,8 @@ class Objective:
         self.trial_numbers.append(trial.number)
         if self.worker_key:
             trial.set_user_attr("tune_worker", self.worker_key)
-        cfg = dataclasses.replace(
-            self.base,
-            **suggest(trial, self.space, self.base),
-            run_name=trial_run_name(trial.number),
-        )
+        values = suggest(trial, self.space, self.base)
+        cfg = trial_config(self.base, values, run_name=trial_run_name(trial.number))
         tracker = RunTracker(
             cfg.experiment_name,
             run_name=cfg.run_name,
@@ -103,8 +101,11 @@ class Objective:
         return value
 
     def _cross_validate(self, trial: optuna.Trial, cfg: TrainConfig, tracker: RunTracker) -> float:
-        """One run per fold nested under the trial's run; pruning is decided after each fold."""
-        scores = []
+        """One run per fold nested under the trial's run. The value is the honest estimate
+        (training.honest_estimate: each fold read at the step the other folds choose), so a
+        recipe is not rewarded for a lucky epoch on a small fold; after each fold the pruner
+        sees that fold's score read at the step the folds before it choose."""
+        histories = []
         with tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             tracker.log_params({**config_to_dict(cfg), "cv": self.cv})
@@ -121,13 +122,18 @@ class Objective:
                     finish_on=(optuna.TrialPruned,),
                 ) as fold_run:
                     outcome = _execute(plan, fold_run, self.figures)
-                scores.append(outcome.best[METRIC])
-                tracker.log_metrics({f"cv/{METRIC}": scores[-1]}, step=fold)  # a curve over folds
-                trial.report(scores[-1], fold)
+                histories.append(pd.DataFrame(outcome.history))
+                score = running_fold_score(histories, METRIC, "max", cfg.keep)
+                tracker.log_metrics({f"cv/{METRIC}": score}, step=fold)  # a curve over folds
+                trial.report(score, fold)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after fold {fold}")
-            value = float(np.mean(scores))
-            tracker.log_metrics({"trial_value": value, f"cv_std_{METRIC}": float(np.std(scores))})
+            scores = honest_fold_scores(dict(enumerate(histories)), METRIC, "max", cfg.keep)
+            values = scores[f"honest_{METRIC}"]
+            value = float(values.mean())
+            tracker.log_table(scores, "cv/honest_scores.json")
+            spread = float(values.std(ddof=0))
+            tracker.log_metrics({"trial_value": value, f"cv_std_{METRIC}": spread})
         return value
 
 

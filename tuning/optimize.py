@@ -84,7 +84,7 @@ def open_configured_study(cfg: TuneConfig, first_trial: dict | None = None) -> o
         cfg.storage,
         cfg.study_name,
         TrialSeededTPESampler(cfg.sampler_seed, cfg.n_startup_trials),
-        create_pruner(cfg.pruner, cfg.pruner_warmup_steps),
+        create_pruner(cfg.pruner, cfg.pruner_warmup_steps, cfg.steps_per_trial),
         first_trial=first_trial,
         heartbeat_seconds=cfg.heartbeat_seconds,
         grace_seconds=cfg.heartbeat_grace_seconds,

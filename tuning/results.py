@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from training.config import TrainConfig, config_to_dict, config_to_yaml
 from training.tracking import RunTracker
 from tuning import plots
 from tuning.config import TuneConfig
-from tuning.space import SearchSpace
+from tuning.space import SearchSpace, trial_config
 from tuning.study import mask_url, pruner_options, resolve_storage
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,9 @@ def study_params(cfg: TuneConfig, space: SearchSpace) -> dict[str, Any]:
         "storage": mask_url(cfg.storage),
         "storage_url": mask_url(resolve_storage(cfg.storage)),
         "sampler": f"TPESampler(seed={cfg.sampler_seed}, n_startup_trials={cfg.n_startup_trials})",
-        "pruner_options": pruner_options(cfg.pruner, cfg.pruner_warmup_steps)[1],
+        "pruner_options": pruner_options(cfg.pruner, cfg.pruner_warmup_steps, cfg.steps_per_trial)[
+            1
+        ],
         "search_space_json": space,
         "optuna_version": optuna.__version__,
     }
@@ -96,7 +97,7 @@ def log_study_results(
         tracker.log_params(
             {"best_trial_number": best.number, **{f"best_{k}": v for k, v in best.params.items()}}
         )
-        text = config_to_yaml(dataclasses.replace(base, **best.params))
+        text = config_to_yaml(trial_config(base, best.params))
         path = best_config_path(cfg)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -37,6 +37,8 @@ GRACE_SECONDS = 60
 MAX_RETRY = 1  # a dead worker's trial is run once more, with the same parameters
 PRUNERS = {
     "median": optuna.pruners.MedianPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,  # asynchronous (ASHA)
+    "hyperband": optuna.pruners.HyperbandPruner,  # brackets of successive halving
     "wilcoxon": optuna.pruners.WilcoxonPruner,  # paired test over folds (steps = folds)
     "threshold": optuna.pruners.ThresholdPruner,
     "none": optuna.pruners.NopPruner,
@@ -61,14 +63,24 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
 
 
-def pruner_options(spec: str, warmup_steps: int = 0) -> tuple[str, dict[str, Any]]:
+def pruner_options(
+    spec: str, warmup_steps: int = 0, max_steps: int = 0
+) -> tuple[str, dict[str, Any]]:
     """The pruner's name and keyword arguments from `name` or `name:key=value,...`, e.g.
-    `median:n_startup_trials=2,n_warmup_steps=3` or `threshold:lower=0.2`; `warmup_steps` is
-    the median pruner's n_warmup_steps unless the spec sets it."""
+    `median:n_startup_trials=2,n_warmup_steps=3` or `threshold:lower=0.2`. Unless the spec
+    sets them, `warmup_steps` is the median pruner's n_warmup_steps and the first step
+    successive halving and Hyperband compare trials at (min_resource; steps count from 0),
+    and `max_steps` (steps per trial) is Hyperband's max_resource."""
     name, _, options = spec.partition(":")
     if name not in PRUNERS:
         raise ConfigError(f"parameter 'pruner': one of {tuple(PRUNERS)}, got {spec!r}")
-    kwargs: dict[str, Any] = {"n_warmup_steps": warmup_steps} if name == "median" else {}
+    kwargs: dict[str, Any] = {}
+    if name == "median":
+        kwargs["n_warmup_steps"] = warmup_steps
+    elif name in ("successive_halving", "hyperband"):
+        kwargs["min_resource"] = max(1, warmup_steps)
+        if name == "hyperband" and max_steps:
+            kwargs["max_resource"] = max(max_steps, kwargs["min_resource"] + 1)
     for item in filter(None, options.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
@@ -77,9 +89,11 @@ def pruner_options(spec: str, warmup_steps: int = 0) -> tuple[str, dict[str, Any
     return name, kwargs
 
 
-def create_pruner(spec: str, warmup_steps: int = 0) -> optuna.pruners.BasePruner:
+def create_pruner(
+    spec: str, warmup_steps: int = 0, max_steps: int = 0
+) -> optuna.pruners.BasePruner:
     """The Optuna pruner of `spec` (see pruner_options)."""
-    name, kwargs = pruner_options(spec, warmup_steps)
+    name, kwargs = pruner_options(spec, warmup_steps, max_steps)
     try:
         with warnings.catch_warnings():  # WilcoxonPruner is "experimental" since Optuna 3.6
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
