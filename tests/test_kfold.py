@@ -150,13 +150,15 @@ def test_killed_job_resumes_to_the_same_result(store, digits_dir):
     # Short heartbeats: the dead fold run is taken for dead 3 s after its last beat.
     beats = ["--heartbeat_seconds", "1", "--heartbeat_grace_seconds", "3"]
     args = ["--data", str(digits_dir), *_argv(JOB), "--run_name", "killed", *beats]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "training.kfold", *args],
-        env=_env(store),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=store["folder"],
-    )
+    log = store["folder"] / "killed.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "training.kfold", *args],
+            env=_env(store),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=store["folder"],
+        )
     parent_id = None
     deadline = time.time() + 240
     try:
@@ -169,7 +171,7 @@ def test_killed_job_resumes_to_the_same_result(store, digits_dir):
             if "tags.fold" in children and (children["tags.fold"] == "1").any():
                 parent_id = parents["run_id"].iloc[0]
                 break
-        assert parent_id, "fold 1 never started"
+        assert parent_id, f"fold 1 never started:\n{log.read_text(errors='replace')[-3000:]}"
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
