@@ -139,3 +139,23 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # A local Ray binds the loopback address only (read when ray is imported; Ray workers inherit
 # the environment, TQDM_DISABLE too).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+# `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): the fault tests spend
+# much of their time waiting on other processes (heartbeats going stale, a server down for
+# 30 s), which the other worker fills with CPU work. Tests on the shared team server or the
+# local Ray run in one worker, so each starts once per session, not once per worker.
+SHARED_PROCESSES = {"team_server", "ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SHARED_PROCESSES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("servers"))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on the machine's cores: one torch thread each instead of all cores each.
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))

@@ -91,3 +91,11 @@ def test_running_score_reads_the_newest_fold_where_the_earlier_ones_choose():
     assert running_fold_score(histories[:2], "val_f1_macro", "max") == pytest.approx(0.7)
     # fold 2 read where folds 0 and 1 peak on average (step 2: .75; step 3: .8)
     assert running_fold_score(histories, "val_f1_macro", "max") == pytest.approx(0.85)
+
+
+def test_one_finished_fold_has_no_honest_score_and_no_error():
+    """Promotion reads the out-of-fold rows of a partly finished job: one fold has no other
+    folds to choose its step, so its honest scores are NaN (it used to raise)."""
+    scores = honest_fold_scores({1: history(CURVES[1])}, "val_f1_macro", "max")
+    assert scores["fold"].tolist() == [1]
+    assert scores.drop(columns="fold").isna().all(axis=None)

@@ -298,7 +298,8 @@ def test_a_jobs_experiment_has_the_headline_view_of_its_runs_table(tracking):
     view = json.loads(experiment.tags[SAVED_VIEW_TAG + HEADLINE_VIEW])
     assert view["name"] == "headline metrics" and isinstance(view["createdAt"], int)
     columns = json.loads(view["state"])["selectedColumns"]
-    assert columns[:3] == [
+    assert columns[:4] == [
+        "metrics.`honest_val_f1_macro`",  # the k-fold number to quote, first
         "metrics.`oof_f1_macro`",
         "metrics.`mean_val_f1_macro`",
         "metrics.`std_val_f1_macro`",

@@ -54,9 +54,13 @@ def honest_fold_scores(
 ) -> pd.DataFrame:
     """One row per fold: the step it is read at (`honest_step`) and its validation scores
     there (`honest_val_f1_macro`, ...). `keep=best` reads each fold at the step chosen on the
-    other folds; `keep=last` at its own last step (chosen by no validation score)."""
+    other folds; `keep=last` at its own last step (chosen by no validation score). With one
+    fold there are no other folds to choose with: its honest scores are NaN (not estimated)."""
     if keep == "last":
         chosen = {fold: int(h["step"].max()) for fold, h in histories.items()}
+    elif len(histories) < 2:  # a partly finished job (promotion reads its out-of-fold rows)
+        unread = {"honest_step": np.nan, **{f"honest_{field}": np.nan for field in SCORED}}
+        return pd.DataFrame([{"fold": fold, **unread} for fold in sorted(histories)])
     else:
         chosen = steps_chosen_elsewhere(fold_curves(histories, monitor), mode)
     tables = {field: fold_curves(histories, field) for field in SCORED}
