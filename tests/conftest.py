@@ -143,15 +143,18 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): the fault tests spend
 # much of their time waiting on other processes (heartbeats going stale, a server down for
-# 30 s), which the other worker fills with CPU work. Tests on the shared team server or the
-# local Ray run in one worker, so each starts once per session, not once per worker.
+# 30 s), which the other worker fills with CPU work. A module's tests run in one worker, so
+# its module-scoped fixtures (a real `mlflow run` of every entry point, a reference k-fold
+# job) run once; tests on the shared team server or the local Ray run in one worker, so each
+# starts once per session, not once per worker.
 SHARED_PROCESSES = {"team_server", "ray_cluster"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SHARED_PROCESSES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("servers"))
+        shared = SHARED_PROCESSES & set(getattr(item, "fixturenames", ()))
+        group = "servers" if shared else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
