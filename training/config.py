@@ -59,7 +59,7 @@ class TrainConfig:
     cutmix: float = 0.0  # stage 2 cutmix alpha; 0 = off
     mix_prob: float = 1.0  # share of stage-2 batches mixed when mixup or cutmix is on
     feature_cache: bool = True  # stage 1 trains the head on cached features when augment allows
-    freeze_bn_stats: bool = True  # BatchNorm keeps its pretrained statistics in trained blocks
+    freeze_bn_stats: bool = False  # BatchNorm keeps its pretrained statistics in trained blocks
     patience: int = 5  # early stopping: epochs without improvement of `monitor`
     monitor: str = "val_f1_macro"  # val_f1_macro | val_accuracy | val_loss
     keep: str = "best"  # weights kept per stage: best (by `monitor`) | last epoch
