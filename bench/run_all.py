@@ -98,13 +98,23 @@ def summary_rows(r: dict[str, dict]) -> list[str]:
             t["status"],
         ),
         _row(
-            f"2. stage 1 vs stage 2 epoch ({s['model']}, {s['image_size']} px, "
-            f"{s['images']} images, unfreeze_blocks={s['unfreeze_blocks']})",
+            f"2. stage 1 on cached features (both flip views, spread over "
+            f"{s['cached']['stage1_epochs']} epochs) vs stage 2 epoch ({s['model']}, "
+            f"{s['image_size']} px, {s['images']} images, "
+            f"unfreeze_blocks={s['unfreeze_blocks']})",
+            f"stage 1 {s['stage1_cached_epoch_s']} s",
+            f"stage 2 {s['stage2_epoch_s']} s",
+            f"{s['cached_ratio']}x",
+            f">= {s['target']}x",
+            s["status"],
+        ),
+        _row(
+            "2b. stage 1 uncached (augment=base, the default) vs stage 2 epoch",
             f"stage 1 {s['stage1_epoch_s']} s",
             f"stage 2 {s['stage2_epoch_s']} s",
             f"{s['ratio']}x",
             f">= {s['target']}x",
-            s["status"],
+            s["uncached_status"],
         ),
         _row(
             f"3. ensemble predict ({e['members']} x {e['model']}, {e['tta_views']} TTA views, "
