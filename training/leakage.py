@@ -21,7 +21,7 @@ PAIR_COLUMNS = ["index_a", "index_b", "method", "score"]
 
 @dataclass(frozen=True)
 class DuplicateSearch:
-    """How near-duplicates are searched; the defaults are measured (notes/leakage.md).
+    """How near-duplicates are searched; the defaults are measured (docs/leakage.md).
 
     Every image becomes a `side` x `side` grey descriptor. A pair's score is the best
     normalised cross-correlation (NCC: 1 = the same picture up to brightness and contrast) of
