@@ -158,7 +158,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers on the machine's cores: one torch thread each instead of all cores each.
+    # Two workers share the machine's cores: each (and every job it starts as a subprocess,
+    # through OMP_NUM_THREADS) runs torch on its half instead of on all of them. Torch
+    # threads spin-wait at every operator: more threads than cores slowed a batch ~80x here.
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    per_worker = max(1, (os.cpu_count() or 2) // 2)
+    os.environ["OMP_NUM_THREADS"] = str(per_worker)
+    torch.set_num_threads(per_worker)
