@@ -145,3 +145,17 @@ def test_figures_agree_with_each_other(quick_results):
 def test_the_smoke_run_writes_nothing_in_the_repo(quick_results):
     """The pruning bench used to write the demo digits to data/demo from the smoke test."""
     assert quick_results["repo_after"] == quick_results["repo_before"]
+
+
+def test_a_memory_arm_does_not_inherit_its_parents_peak(tmp_path):
+    """Each memory arm runs in a child process; Linux carries getrusage's ru_maxrss across
+    exec, so a child of a 1 GB pytest worker once read ~1 GB in both arms."""
+    import numpy as np
+
+    from bench import memory
+    from bench.common import write_photos
+
+    ballast = np.ones((700, 1024, 1024), dtype=np.uint8)  # this process now holds 700 MB
+    folder = write_photos(tmp_path, 8, 32, classes=2)
+    child = memory.measure("project", folder, 32)
+    assert child["peak_mb"] < 600 < ballast.nbytes / 2**20
