@@ -141,22 +141,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-# `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`): the fault tests spend
+# `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile`): the fault tests spend
 # much of their time waiting on other processes (heartbeats going stale, a server down for
-# 30 s), which the other worker fills with CPU work. A module's tests run in one worker, so
-# its module-scoped fixtures (a real `mlflow run` of every entry point, a reference k-fold
-# job) run once; tests on the shared team server or the local Ray run in one worker, so each
-# starts once per session, not once per worker.
-SHARED_PROCESSES = {"team_server", "ray_cluster"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        shared = SHARED_PROCESSES & set(getattr(item, "fixturenames", ()))
-        group = "servers" if shared else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
+# 30 s), which the other worker fills with CPU work. A test file stays in one worker, so its
+# module fixtures (a real `mlflow run` of every entry point, a reference k-fold job) run once;
+# a worker that reaches a team-server test starts its own server (free ports).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers share the machine's cores: each (and every job it starts as a subprocess,
     # through OMP_NUM_THREADS) runs torch on its half instead of on all of them. Torch
