@@ -16,6 +16,10 @@ from servers import TeamServer, postgres_missing, start_team_server
 from sklearn.datasets import load_digits
 
 from training.config import TrainConfig
+from training.data import load_labelled_images
+from training.engine import ImageArrayDataset
+from training.splits import holdout_split
+from training.transforms import eval_transform
 
 TINY = {
     "model": "test_efficientnet",
@@ -122,6 +126,34 @@ def ray_cluster():
     )
     yield ray
     ray.shutdown()
+
+
+def child_runs(parent_id: str) -> pd.DataFrame:
+    """The runs nested under `parent_id`, in any experiment, as mlflow.search_runs gives them."""
+    return mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+
+
+def oof_predictions(parent_id: str) -> pd.DataFrame:
+    """A k-fold parent's out-of-fold predictions (evaluation/oof_predictions.csv)."""
+    path = mlflow.artifacts.download_artifacts(
+        run_id=parent_id, artifact_path="evaluation/oof_predictions.csv"
+    )
+    return pd.read_csv(path)
+
+
+def plain_datasets(digits_dir: Path, size: int = 32):
+    """Training and validation digits (a 25 % holdout), resized and normalised, no
+    augmentation: a learning rate of ~0 changes nothing from epoch to epoch."""
+    data = load_labelled_images(digits_dir, size, progress=False)
+    mask = holdout_split(data.labels, None, 0.25, seed=0)
+    transform = eval_transform(size, (0.5,) * 3, (0.5,) * 3)
+
+    def dataset(rows: np.ndarray) -> ImageArrayDataset:
+        return ImageArrayDataset([data.images[i] for i in rows], data.labels[rows], transform)
+
+    return dataset(np.flatnonzero(~mask)), dataset(np.flatnonzero(mask))
 
 
 @pytest.fixture

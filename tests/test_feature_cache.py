@@ -5,16 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import plain_datasets
 
 from training.config import TrainConfig
-from training.data import load_labelled_images
 from training.engine import ImageArrayDataset, make_loader
 from training.feature_cache import CacheSource, backbone_features, cache_refusal
 from training.fit import Stage, fit
 from training.losses import create_loss
 from training.model import create_classifier
-from training.splits import holdout_split
-from training.transforms import eval_transform
 
 CPU = torch.device("cpu")
 
@@ -22,14 +20,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def plain_sets(digits_dir):
     """Training and validation images, resized and normalised, no augmentation."""
-    data = load_labelled_images(digits_dir, 32, progress=False)
-    mask = holdout_split(data.labels, None, 0.25, seed=0)
-    transform = eval_transform(32, (0.5,) * 3, (0.5,) * 3)
-
-    def dataset(rows: np.ndarray) -> ImageArrayDataset:
-        return ImageArrayDataset([data.images[i] for i in rows], data.labels[rows], transform)
-
-    return dataset(np.flatnonzero(~mask)), dataset(np.flatnonzero(mask))
+    return plain_datasets(digits_dir)
 
 
 def _stage1(plain_sets, cached: bool, epochs: int = 2):

@@ -3,18 +3,15 @@ divergence, both schedulers, and which modules train in each stage."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from conftest import plain_datasets
 
 from training.config import TrainConfig
-from training.data import load_labelled_images
-from training.engine import ImageArrayDataset, make_loader
+from training.engine import make_loader
 from training.fit import DivergedError, Stage, fit
 from training.losses import create_loss
 from training.model import create_classifier, set_trainable, train_mode
-from training.splits import holdout_split
-from training.transforms import eval_transform
 
 CPU = torch.device("cpu")
 
@@ -22,15 +19,8 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def loaders(digits_dir):
     """Unaugmented loaders, so a learning rate of ~0 changes nothing from epoch to epoch."""
-    data = load_labelled_images(digits_dir, 32, progress=False)
-    mask = holdout_split(data.labels, None, 0.25, seed=0)
-    transform = eval_transform(32, (0.5,) * 3, (0.5,) * 3)
-
-    def dataset(rows: np.ndarray) -> ImageArrayDataset:
-        return ImageArrayDataset([data.images[i] for i in rows], data.labels[rows], transform)
-
-    train = make_loader(dataset(np.flatnonzero(~mask)), 8, True, 0)
-    return train, make_loader(dataset(np.flatnonzero(mask)), 16, False, 0)
+    train, val = plain_datasets(digits_dir)
+    return make_loader(train, 8, True, 0), make_loader(val, 16, False, 0)
 
 
 def _fit(loaders, stages, on_epoch=None, model_name="test_efficientnet", **cfg):

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY, all_runs, write_digits
+from conftest import TINY, all_runs, child_runs, oof_predictions, write_digits
 from servers import wait_for
 
 from training import kfold
@@ -86,24 +86,11 @@ def store(tmp_path_factory, digits_dir):
         yield {"folder": folder, "uri": uri, "cfg": cfg, "reference": reference}
 
 
-def _children(parent_id: str) -> pd.DataFrame:
-    return mlflow.search_runs(
-        search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
-    )
-
-
-def _oof(parent_id: str) -> pd.DataFrame:
-    path = mlflow.artifacts.download_artifacts(
-        run_id=parent_id, artifact_path="evaluation/oof_predictions.csv"
-    )
-    return pd.read_csv(path)
-
-
 def test_reference_job_has_nested_fold_runs_and_a_summary(store):
     parent_id = store["reference"].parent_run_id
     parent = mlflow.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["job"] == "kfold"
-    children = _children(parent_id)
+    children = child_runs(parent_id)
     assert sorted(children["tags.fold"].astype(int)) == [0, 1, 2]
     assert (children["status"] == "FINISHED").all()
     assert children["tags.model_uri"].str.startswith("models:/").all()
@@ -112,7 +99,7 @@ def test_reference_job_has_nested_fold_runs_and_a_summary(store):
     # The headline: each fold read at the step the other folds chose, said first.
     assert parent.data.metrics["honest_val_f1_macro"] <= parent.data.metrics["mean_val_f1_macro"]
     assert parent.data.tags["mlflow.note.content"].startswith("honest macro F1 ")
-    oof = _oof(parent_id)
+    oof = oof_predictions(parent_id)
     assert len(oof) == 40 and oof["path"].is_unique  # every image exactly once
     assert np.allclose(oof.filter(like="prob_").sum(axis=1), 1.0, atol=1e-4)
     client = mlflow.MlflowClient()
@@ -167,7 +154,7 @@ def test_killed_job_resumes_to_the_same_result(store, digits_dir):
             parents = mlflow.search_runs(
                 search_all_experiments=True, filter_string="tags.mlflow.runName = 'killed'"
             )
-            children = pd.DataFrame() if parents.empty else _children(parents["run_id"].iloc[0])
+            children = pd.DataFrame() if parents.empty else child_runs(parents["run_id"].iloc[0])
             if "tags.fold" in children and (children["tags.fold"] == "1").any():
                 parent_id = parents["run_id"].iloc[0]
                 break
@@ -176,18 +163,18 @@ def test_killed_job_resumes_to_the_same_result(store, digits_dir):
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert mlflow.get_run(parent_id).info.status == "RUNNING"  # nothing ended it
-    dead = _children(parent_id).query("`tags.fold` == '1'")["run_id"].item()
+    dead = child_runs(parent_id).query("`tags.fold` == '1'")["run_id"].item()
     wait_for(lambda: heartbeat_age(mlflow.get_run(dead)) > 3, 60, 0.5, "a stale heartbeat")
 
     done = _run_cli([*args, "--parent_run_id", parent_id], _env(store))
     assert done.returncode == 0, done.stderr
-    children = _children(parent_id)
+    children = child_runs(parent_id)
     finished = children[children["status"] == "FINISHED"]
     assert sorted(finished["tags.fold"].astype(int)) == [0, 1, 2]
     assert set(children["status"]) <= {"FINISHED", "FAILED"}  # the dead fold run: FAILED
     assert mlflow.get_run(dead).info.status == "FAILED"
-    reference = _oof(store["reference"].parent_run_id)
-    resumed = _oof(parent_id)
+    reference = oof_predictions(store["reference"].parent_run_id)
+    resumed = oof_predictions(parent_id)
     assert (reference["path"] == resumed["path"]).all()
     assert np.allclose(reference.filter(like="prob_"), resumed.filter(like="prob_"), atol=1e-5)
 
@@ -228,11 +215,11 @@ def test_folds_as_separate_processes_give_the_same_summary(store, digits_dir):
         KFoldConfig(**{**store["cfg"].__dict__, "aggregate_only": True, "parent_run_id": parent_id})
     )
     assert again.summary["oof_f1_macro"] == pytest.approx(reference["oof_f1_macro"], abs=1e-6)
-    assert len(_children(parent_id)) == 3
+    assert len(child_runs(parent_id)) == 3
 
 
 def test_parent_that_is_not_a_kfold_job_or_other_data_is_refused(store, tmp_path, capsys):
-    fold_run = _children(store["reference"].parent_run_id)["run_id"].iloc[0]
+    fold_run = child_runs(store["reference"].parent_run_id)["run_id"].iloc[0]
     cfg = {**JOB, "data": str(store["cfg"].data)}
     assert kfold.main([*_argv(cfg), "--parent_run_id", fold_run]) == 2
     assert "is not a k-fold job" in capsys.readouterr().err
@@ -300,7 +287,7 @@ def test_fold_processes_started_at_once_both_finish_and_one_aggregates(store, di
     ]
     logs = [worker.communicate(timeout=300)[1] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], logs
-    children = _children(parent_id)
+    children = child_runs(parent_id)
     assert sorted(children["tags.fold"].astype(int)) == [0, 1]
     assert set(children["status"]) == {"FINISHED"}  # nobody was taken for dead
     assert "superseded" not in children or children["tags.superseded"].isna().all()

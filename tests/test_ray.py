@@ -14,10 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import mlflow
 import numpy as np
 import optuna
-import pandas as pd
 import pytest
 import torch
-from conftest import TINY, all_runs, write_digits
+from conftest import TINY, all_runs, child_runs, oof_predictions, write_digits
 from servers import wait_for
 
 from training.config import ConfigError
@@ -63,30 +62,17 @@ def ray_store(tmp_path_factory, ray_cluster):
         yield {"data": data, "cfg": cfg, "local": local, "ray": remote}
 
 
-def _children(parent_id: str) -> pd.DataFrame:
-    return mlflow.search_runs(
-        search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
-    )
-
-
-def _oof(parent_id: str) -> pd.DataFrame:
-    path = mlflow.artifacts.download_artifacts(
-        run_id=parent_id, artifact_path="evaluation/oof_predictions.csv"
-    )
-    return pd.read_csv(path)
-
-
 def test_folds_as_ray_tasks_give_the_local_out_of_fold_predictions(ray_store):
     parent_id = ray_store["ray"].parent_run_id
     parent = mlflow.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["executor"] == "ray"
-    folds = _children(parent_id)
+    folds = child_runs(parent_id)
     assert sorted(folds["tags.fold"].astype(int)) == [0, 1, 2]
     assert set(folds["status"]) == {"FINISHED"}
     # Each fold ran in a Ray worker process, logged to the driver's store, first attempt.
     assert str(os.getpid()) not in set(folds["tags.worker_pid"])
     assert folds["tags.ray_task_id"].nunique() == 3 and set(folds["tags.attempt"]) == {"0"}
-    local, remote = _oof(ray_store["local"].parent_run_id), _oof(parent_id)
+    local, remote = oof_predictions(ray_store["local"].parent_run_id), oof_predictions(parent_id)
     assert (local["path"] == remote["path"]).all() and (local["fold"] == remote["fold"]).all()
     # Same seed, same torch threads (1 per Ray task, 1 in the local run): the same numbers.
     # (With other thread counts float sums differ in the 5th decimal.)
@@ -129,7 +115,7 @@ def test_a_fold_worker_killed_mid_epoch_is_run_again_by_ray(ray_store):
 
     epochs_logged = len(client.get_metric_history(victim.info.run_id, "val/f1_macro"))
     assert 1 <= epochs_logged < EPOCHS  # it died while training, after its first epoch
-    runs = _children(outcome.parent_run_id)
+    runs = child_runs(outcome.parent_run_id)
     finished = runs[runs["status"] == "FINISHED"]
     assert sorted(finished["tags.fold"].astype(int)) == [0, 1, 2]  # exactly one per fold
     assert set(runs["status"]) == {"FINISHED", "FAILED"}
@@ -139,7 +125,10 @@ def test_a_fold_worker_killed_mid_epoch_is_run_again_by_ray(ray_store):
     assert retry["tags.ray_task_id"] == victim.data.tags["ray_task_id"]  # the same Ray task
     assert retry["tags.attempt"] == "1" and len(runs[runs["tags.fold"] == "1"]) == 2
     assert mlflow.get_run(outcome.parent_run_id).info.status == "FINISHED"
-    undisturbed, disturbed = _oof(ray_store["ray"].parent_run_id), _oof(outcome.parent_run_id)
+    undisturbed, disturbed = (
+        oof_predictions(ray_store["ray"].parent_run_id),
+        oof_predictions(outcome.parent_run_id),
+    )
     assert (undisturbed["path"] == disturbed["path"]).all()
     difference = np.abs(undisturbed.filter(like="prob_") - disturbed.filter(like="prob_"))
     print(f"largest OOF probability difference: {difference.to_numpy().max():.2e}")
