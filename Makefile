@@ -41,7 +41,7 @@ demo: install
 
 # The test suite (README quickstart, second command; CI runs it). Exit 5 = no tests collected.
 test: install-ray
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations 15 tests || [ $$? -eq 5 ]
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations 15 tests || [ $$? -eq 5 ]
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
