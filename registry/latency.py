@@ -12,7 +12,7 @@ from registry.ensemble import EnsembleModel
 
 log = logging.getLogger(__name__)
 
-LATENCY_IMAGES = 64  # images in the timed sample
+LATENCY_IMAGES = 32  # images in the timed sample
 LATENCY_REPEATS = 3  # timed calls per variant; the fastest counts (the least disturbed)
 
 

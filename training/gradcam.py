@@ -375,7 +375,9 @@ def overlay_sheet(
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))  # the title stays clear of row one
+    # Every axis is off: a fixed layout (title clear of row one, room for the captions) looks
+    # as tight_layout's and costs a fraction of it, which each training run pays.
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.55 / height, hspace=0.25)
     return fig
 
 

@@ -77,9 +77,8 @@ def log_evaluation(tracker: RunTracker, plan, result: FitResult, figures: bool) 
         plots.confusion_matrix_figure(matrix["counts"], names, "validation confusion matrix"),
         "evaluation/confusion_matrix.png",
     )
-    for step, counts in result.confusions.items():
-        figure = plots.confusion_matrix_figure(counts.tolist(), names, f"validation, step {step}")
-        tracker.log_figure_image(figure, "confusion_matrix", step)
+    for step, image in plots.confusion_matrix_frames(result.confusions, names):
+        tracker.log_image_at_step(image, "confusion_matrix", step)
     tracker.log_figure(plots.learning_curves(result.history), "plots/learning_curves.png")
     tracker.log_figure(
         plots.probability_distribution(probs, targets), "plots/probability_distribution.png"

@@ -19,7 +19,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 from matplotlib import pyplot as plt
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mlflow.entities import LoggedModelInput, RunStatus
 from mlflow.exceptions import MlflowException
@@ -321,12 +320,10 @@ class RunTracker:
         """The run's description in the MLflow UI (its note)."""
         mlflow.set_tag(NOTE_TAG, text)
 
-    def log_figure_image(self, figure: Figure, key: str, step: int) -> None:
-        """A figure as an MLflow image under `key` at `step`: the UI's chart view shows such
-        images side by side across runs, with a slider over steps."""
-        canvas = FigureCanvasAgg(figure)
-        canvas.draw()
-        mlflow.log_image(np.asarray(canvas.buffer_rgba())[..., :3].copy(), key=key, step=step)
+    def log_image_at_step(self, image: np.ndarray, key: str, step: int) -> None:
+        """A uint8 RGB image under `key` at `step`: the UI's chart view shows such images
+        side by side across runs, with a slider over steps."""
+        mlflow.log_image(image, key=key, step=step)
 
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
         mlflow.log_figure(figure, artifact_file)
