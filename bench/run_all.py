@@ -161,7 +161,7 @@ def summary_rows(r: dict[str, dict]) -> list[str]:
             f"6. tuning epochs, median pruner vs the same trials unpruned ({p['mode']}, "
             f"{p['trials']} trials x {p['epochs_per_trial']} epochs, "
             f"{p['trials_pruned']} pruned)",
-            f"{p['epochs_median']} epochs, {p['seconds_median']} s",
+            f"{p['epochs_pruned']} epochs, {p['seconds_pruned']} s",
             f"{p['epochs_none']} epochs, {p['seconds_none']} s",
             f"{1 - p['epoch_saving']:.2f} (saves {p['epoch_saving']:.0%} of epochs, "
             f"{p['time_saving']:.0%} of time)",
