@@ -173,11 +173,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-# `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile`): the fault tests spend
-# much of their time waiting on other processes (heartbeats going stale, a server down for
-# 30 s), which the other worker fills with CPU work. A test file stays in one worker, so its
-# module fixtures (a real `mlflow run` of every entry point, a reference k-fold job) run once;
-# a worker that reaches a team-server test starts its own server (free ports).
 # Files that take longest first (about 175, 135, 125, 60, 60, 40 and 30 s under `make test`),
 # the rest after them in their usual order, so the two workers end close together: xdist
 # hands a worker the next file when the worker has two tests left, and by default orders files
@@ -202,6 +197,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: tests keep their order within a file
 
 
+# `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile`): the fault tests spend
+# much of their time waiting on other processes (heartbeats going stale, a server down for
+# 30 s), which the other worker fills with CPU work. A test file stays in one worker, so its
+# module fixtures (a real `mlflow run` of every entry point, a reference k-fold job) run once;
+# a worker that reaches a team-server test starts its own server (free ports).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers share the machine's cores: each (and every job it starts as a subprocess,
     # through OMP_NUM_THREADS) runs torch on its half instead of on all of them. Torch
