@@ -19,6 +19,19 @@ from sklearn.datasets import load_digits
 _template: Path | None = None
 
 
+def real_data_folder() -> Path:
+    """../shared/data/hymenoptera beside the project (or beside a folder above it, for git
+    worktrees); REAL_DATA overrides."""
+    if os.environ.get("REAL_DATA"):
+        return Path(os.environ["REAL_DATA"])
+    project = Path(__file__).resolve().parents[1]
+    for folder in project.parents:
+        candidate = folder / "shared" / "data" / "hymenoptera"
+        if candidate.is_dir():
+            return candidate
+    return project.parent / "shared" / "data" / "hymenoptera"
+
+
 def fresh_sqlite_store(path: Path) -> str:
     """A new, migrated SQLite store at `path`: a copy of one migrated per process, since
     MLflow's schema migrations cost seconds per new database."""

@@ -31,8 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import scratch_store, write_digits  # noqa: E402
-from bench.recipe_study import real_data_folder  # noqa: E402
+from bench.common import real_data_folder, scratch_store, write_digits  # noqa: E402
 from training.config import parse_cli  # noqa: E402
 from training.demo_data import write_demo_data  # noqa: E402
 from tuning.config import TuneConfig  # noqa: E402
@@ -66,8 +65,8 @@ REAL_STUDY = [
     *("--stage2_epochs", "10", "--n_trials", "15", "--study_name", "bench-real"),
 ]
 # Hyperband from the third epoch (min_resource=2; steps count from 0), a third kept per rung:
-# on this study it saved 41 % of epochs against 29 % for successive halving judging at the
-# end of stage 1 (BENCHMARKS item 6), with the same best value.
+# on this study it saved 39-41 % of epochs (two runs) against 29 % for successive halving,
+# with the same best value (BENCHMARKS item 6b).
 REAL_PRUNER = "hyperband:min_resource=2,reduction_factor=3"
 
 
@@ -176,10 +175,12 @@ def compare(cfg: TuneConfig, study: optuna.Study, folder: Path) -> dict:
     }
 
 
-def run(quick: bool = False, study_argv: list[str] | None = None, demo_data: bool = True) -> dict:
-    """Run the demo (or smoke, or given) study, then replay its pruned trials unpruned."""
+def run(quick: bool = False, study_argv: list[str] | None = None, mode: str = "demo study") -> dict:
+    """Run the demo (or smoke, or given) study, then replay its pruned trials unpruned; the
+    demo digits are written first for the demo study only."""
     argv = study_argv or (QUICK_STUDY if quick else DEMO_STUDY)
-    cfg = base_config(argv, demo_data=demo_data and not quick)
+    mode = "quick" if quick else mode
+    cfg = base_config(argv, demo_data=mode == "demo study")
     with scratch_store() as folder:
         cfg = dataclasses.replace(
             cfg,
@@ -190,7 +191,7 @@ def run(quick: bool = False, study_argv: list[str] | None = None, demo_data: boo
         )
         tune(cfg)
         study = optuna.load_study(study_name=cfg.study_name, storage=create_storage(cfg.storage))
-        return {"mode": "quick" if quick else "demo study", **compare(cfg, study, folder)}
+        return {"mode": mode, **compare(cfg, study, folder)}
 
 
 def replay_study(study_name: str, study_argv: list[str]) -> dict:
@@ -213,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.study:
         result = replay_study(args.study, args.tune_flags)
     elif args.real:
-        result = run(study_argv=real_study(args.pruner), demo_data=False)
-        result["mode"] = "real-photo study"
+        result = run(study_argv=real_study(args.pruner), mode="real-photo study")
+    elif args.tune_flags:
+        result = run(study_argv=args.tune_flags, mode="study of the given flags")
     else:
-        result = run(args.quick, args.tune_flags or None)
+        result = run(args.quick)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -38,8 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import bare_seed_script  # noqa: E402
-from bench.common import scratch_store  # noqa: E402
-from bench.recipe_study import real_data_folder  # noqa: E402
+from bench.common import real_data_folder, scratch_store  # noqa: E402
 from registry.ensemble import EnsembleModel, MemberSpec, ensemble_config  # noqa: E402
 from training.config import TrainConfig, resolve_config  # noqa: E402
 from training.data import LabelledImages, load_labelled_images  # noqa: E402

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import real_data_folder  # noqa: E402
 from training import fit as fit_module  # noqa: E402
 from training.config import TrainConfig, parse_cli  # noqa: E402
 from training.data import load_labelled_images  # noqa: E402
@@ -36,19 +36,6 @@ from training.metrics import classification_metrics  # noqa: E402
 from training.pipeline import fit_inputs, plan_training  # noqa: E402
 from training.splits import holdout_split  # noqa: E402
 from training.transforms import eval_transform  # noqa: E402
-
-
-def real_data_folder() -> Path:
-    """../shared/data/hymenoptera beside the project (or beside a folder above it, for git
-    worktrees); REAL_DATA overrides."""
-    if os.environ.get("REAL_DATA"):
-        return Path(os.environ["REAL_DATA"])
-    for folder in ROOT.parents:
-        candidate = folder / "shared" / "data" / "hymenoptera"
-        if candidate.is_dir():
-            return candidate
-    return ROOT.parent / "shared" / "data" / "hymenoptera"
-
 
 REAL = real_data_folder()
 BASE = [
