@@ -32,8 +32,7 @@ demo: install
 	$(RUN) -e kfold -P config=configs/demo.yaml
 	$(RUN) -e promote -P top_k=3
 	$(RUN) -e predict -P data=data/demo/test \
-		-P output=outputs/demo_test_predictions.csv
-	$(RUN) -e explain -P data=data/demo/test -P max_images=8 -P target=both
+		-P output=outputs/demo_test_predictions.csv -P explain=8
 	@echo "Predictions: outputs/demo_test_predictions.csv"
 	@echo "See it all in the MLflow UI: make ui, then open"
 	@echo "  http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"

@@ -89,6 +89,7 @@ class PredictConfig:
     calibrated: bool = True  # divide member logits by the ensemble's temperature (false: raw)
     compare: bool = True  # labelled data: members vs voting methods vs TTA table, with timing
     seed: int = 0  # bootstrap resamples and the timed sample of the comparison
+    explain: int = 0  # then Grad-CAM of this many of the images, as an explain run; 0 = off
     experiment_name: str = ""  # where the labelled predict run is logged; '' = as for train
     run_name: str = ""
     config: str = ""  # YAML file of parameter values (explicit flags win)
@@ -105,6 +106,7 @@ class PredictConfig:
         _require(0 <= self.tta <= MAX_VIEWS, "tta", self.tta, f"an integer in 0..{MAX_VIEWS}")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _require(bool(self.path_column), "path_column", self.path_column, "a column name")
+        _require(self.explain >= 0, "explain", self.explain, "an integer >= 0")
 
     @property
     def resolved_model_uri(self) -> str:

@@ -21,7 +21,7 @@ from registry.config import ExplainConfig
 from registry.errors import ExplainError, PredictError
 from registry.inputs import discover_inputs
 from registry.onnx_export import find_members
-from registry.predict import model_version
+from registry.store import model_version
 from training.cli import run_entry_point
 from training.config import config_to_dict
 from training.data import decode_image

@@ -16,12 +16,16 @@ from mlflow.exceptions import MlflowException
 from tqdm.auto import tqdm
 
 from registry.comparison import comparison_table, format_comparison
-from registry.config import PredictConfig
+from registry.config import ExplainConfig, PredictConfig
 from registry.ensemble import EnsembleModel, Options, Scores
-from registry.errors import PredictError
+from registry.errors import ExplainError, PredictError
+from registry.explain import ExplainOutcome
+from registry.explain import print_summary as print_explained
+from registry.explain import run as run_explain
 from registry.images import Preprocessing, decode_bytes, row_bytes
 from registry.inputs import discover_inputs
 from registry.latency import measure, timed_sample
+from registry.store import model_version
 from registry.voting import vote
 from training import plots
 from training.cli import run_entry_point
@@ -49,6 +53,7 @@ class PredictOutcome:
     metrics: dict[str, float] | None  # when labels were known
     run_id: str  # the job=predict run, when labels were known
     comparison: pd.DataFrame | None = None  # members / voting / TTA / calibration table
+    explained: ExplainOutcome | None = None  # with `explain`: the Grad-CAM run
 
 
 def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
@@ -66,19 +71,6 @@ def ensemble_of(model: mlflow.pyfunc.PyFuncModel) -> EnsembleModel | None:
     except MlflowException:
         return None
     return inner if isinstance(inner, EnsembleModel) else None
-
-
-def model_version(model_uri: str) -> str:
-    """The registry version behind models:/name@alias or models:/name/version, else ''."""
-    if not model_uri.startswith("models:/"):
-        return ""
-    reference = model_uri[len("models:/") :]
-    if "@" in reference:
-        name, alias = reference.split("@", 1)
-        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-    if "/" in reference:
-        return reference.rsplit("/", 1)[1]
-    return ""  # models:/m-<id>: a logged model, not a registry version
 
 
 def call_params(cfg: PredictConfig) -> dict[str, Any]:
@@ -340,7 +332,36 @@ def evaluate_ensemble(
 
 
 def run(cfg: PredictConfig, progress: bool = True) -> PredictOutcome:
-    """Check inputs and model first, then predict, write the CSV, and score when labelled."""
+    """Check inputs and model first, then predict, write the CSV, score when labelled, and
+    explain a sample of the images when asked (same process: no second model start-up)."""
+    outcome = predict(cfg, progress)
+    if cfg.explain:
+        labelled = "label" in outcome.table.columns
+        outcome.explained = run_explain(
+            ExplainConfig(
+                model_uri=pinned_model_uri(cfg.resolved_model_uri),
+                data=cfg.data,
+                max_images=cfg.explain,
+                target="both" if labelled else "predicted",
+                seed=cfg.seed,
+                path_column=cfg.path_column,
+                label_column=cfg.label_column,
+                experiment_name=cfg.experiment_name,
+            )
+        )
+    return outcome
+
+
+def pinned_model_uri(model_uri: str) -> str:
+    """models:/name@alias as the version it points at now (the alias may move later)."""
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        name = model_uri[len("models:/") :].split("@", 1)[0]
+        return f"models:/{name}/{model_version(model_uri)}"
+    return model_uri
+
+
+def predict(cfg: PredictConfig, progress: bool) -> PredictOutcome:
+    """Predict, write the CSV, and log a job=predict run when labels are known."""
     inputs = discover_inputs(cfg.data, cfg.path_column, cfg.label_column)
     model = load_model(cfg.resolved_model_uri)
     ensemble = ensemble_of(model)
@@ -391,11 +412,15 @@ def print_summary(outcome: PredictOutcome) -> None:
             )
     if outcome.comparison is not None:
         print(format_comparison(outcome.comparison))
+    if outcome.explained is not None:
+        print_explained(outcome.explained)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours is enough
-    return run_entry_point(PredictConfig, argv, __doc__, run, print_summary, (PredictError,))
+    return run_entry_point(
+        PredictConfig, argv, __doc__, run, print_summary, (PredictError, ExplainError)
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The registry's only MLflow-writing module: registered models, versions, their tags, aliases.
+"""The registry's only MLflow-writing module: registered models, versions, their tags, aliases
+(and the one lookup of the version behind a models:/ URI).
 
 Run logging (params, artifacts, the pyfunc model) goes through training.tracking.RunTracker.
 """
@@ -68,3 +69,16 @@ def point_fold_aliases(name: str, prefix: str, versions: dict[int, str]) -> None
             client.delete_registered_model_alias(name, alias)
     for alias, version in wanted.items():
         client.set_registered_model_alias(name, alias, version)
+
+
+def model_version(model_uri: str) -> str:
+    """The registry version behind models:/name@alias or models:/name/version, else ''."""
+    if not model_uri.startswith("models:/"):
+        return ""
+    reference = model_uri[len("models:/") :]
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    if "/" in reference:
+        return reference.rsplit("/", 1)[1]
+    return ""  # models:/m-<id>: a logged model, not a registry version

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 
 import pandas as pd
 
@@ -30,3 +32,10 @@ def test_demo_data_is_deterministic_idempotent_and_keeps_test_apart(tmp_path):
     test = {p.name for p in (first / "test").rglob("*.png")}
     assert not train & test and len(train) + len(test) == 1797
     assert len(pd.read_csv(first / "train.csv")) == len(train)
+
+
+def test_the_entry_points_shared_cli_does_not_import_torch():
+    """`demo_data` (and `--help`) start without torch: importing it cost ~3 s."""
+    code = "import sys, training.cli, training.demo_data; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

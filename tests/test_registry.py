@@ -84,6 +84,12 @@ def _runs(client) -> list:
     return client.search_runs([experiment.experiment_id])
 
 
+def _job_runs(client, job: str) -> list:
+    """Runs of one job, newest first."""
+    runs = [r for r in _runs(client) if r.data.tags.get("job") == job]
+    return sorted(runs, key=lambda r: r.info.start_time, reverse=True)
+
+
 def _model_id(version) -> str:
     """The LoggedModel behind a registry version (the SQL registry keeps it in `source`)."""
     return version.model_id or version.source.removeprefix("models:/")
@@ -454,6 +460,8 @@ def test_predict_job_scores_labelled_folder_and_survives_a_corrupt_image(
     (data / "2" / "corrupt.png").write_bytes(b"\x89PNG not really")
     output = tmp_path / "out" / "predictions.csv"
     argv = ["--model_name", MODEL, "--data", str(data), "--output", str(output)]
+    explain_runs = len(_job_runs(reg.client, "explain"))
+    argv += ["--explain", "2"]  # then Grad-CAM of 2 of the images, in the same process
     assert predict.main([*argv, "--experiment_name", "tests", "--batch_size", "16"]) == 0
     table = pd.read_csv(output, dtype={"label": str, "predicted": str}, keep_default_na=False)
     assert len(table) == 41 and list(table.columns[:4]) == [
@@ -476,6 +484,13 @@ def test_predict_job_scores_labelled_folder_and_survives_a_corrupt_image(
     assert run.data.params["model_version"] == reg.outcome.version
     names = {a.path for a in reg.client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/confusion_matrix.json"} <= names
+    explained = _job_runs(reg.client, "explain")
+    assert len(explained) == explain_runs + 1
+    # The version predict scored, pinned (the alias may move), both classes explained.
+    assert explained[0].data.tags["model_uri"] == f"models:/{MODEL}/{reg.outcome.version}"
+    assert explained[0].data.params["target"] == "both"
+    assert 1 <= explained[0].data.metrics["explained_images"] <= 2  # the corrupt one skipped
+    assert "image(s) explained" in printed
 
 
 def test_predict_flat_folder_to_submission_format_logs_no_run(reg, digits_dir, tmp_path):

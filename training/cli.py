@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 from training.config import ConfigError, parse_cli
 from training.data import DataError
+from training.errors import WeightsError
 from training.logs import setup_logging
-from training.model import WeightsError
 
 C = TypeVar("C")
 

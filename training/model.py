@@ -14,13 +14,12 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
+# Raised here; defined apart so the CLI can catch it without importing torch.
+from training.errors import WeightsError
+
 log = logging.getLogger(__name__)
 
 LITE0_MODEL = "tf_efficientnet_lite0"
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights that were asked for cannot be had; never fall back silently."""
 
 
 class Classifier(nn.Module):

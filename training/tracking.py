@@ -322,8 +322,9 @@ class RunTracker:
 
     def log_image_at_step(self, image: np.ndarray, key: str, step: int) -> None:
         """A uint8 RGB image under `key` at `step`: the UI's chart view shows such images
-        side by side across runs, with a slider over steps."""
-        mlflow.log_image(image, key=key, step=step)
+        side by side across runs, with a slider over steps. Synchronous: the fluent call's
+        default queues it, and ending the run then idles up to 1 s polling that queue."""
+        mlflow.log_image(image, key=key, step=step, synchronous=True)
 
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
         mlflow.log_figure(figure, artifact_file)
