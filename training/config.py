@@ -19,6 +19,7 @@ AUGMENTS = ("base", "flip", "random", "trivial", "facecrop", "none")
 NEAR_DUPLICATES = ("group", "report", "off")
 MONITORS = {"val_f1_macro": "max", "val_accuracy": "max", "val_loss": "min"}
 KEEPS = ("best", "last")
+FREEZE_BN_SETTINGS = ("auto", "true", "false")
 PRETRAINED_KEYWORDS = ("hub", "none", "lite0-pypi")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -59,7 +60,7 @@ class TrainConfig:
     cutmix: float = 0.0  # stage 2 cutmix alpha; 0 = off
     mix_prob: float = 1.0  # share of stage-2 batches mixed when mixup or cutmix is on
     feature_cache: bool = True  # stage 1 trains the head on cached features when augment allows
-    freeze_bn_stats: bool = False  # BatchNorm keeps its pretrained statistics in trained blocks
+    freeze_bn_stats: str = "false"  # BatchNorm keeps pretrained statistics: false | true | auto
     patience: int = 5  # early stopping: epochs without improvement of `monitor`
     monitor: str = "val_f1_macro"  # val_f1_macro | val_accuracy | val_loss
     keep: str = "best"  # weights kept per stage: best (by `monitor`) | last epoch
@@ -163,6 +164,12 @@ def validate_train_fields(cfg: TrainConfig) -> None:
     _require(0 < cfg.val_fraction < 1, "val_fraction", cfg.val_fraction, "a number in (0, 1)")
     _require(bool(cfg.label_column), "label_column", cfg.label_column, "a column name")
     _require(cfg.augment in AUGMENTS, "augment", cfg.augment, f"one of {AUGMENTS}")
+    _require(
+        cfg.freeze_bn_stats in FREEZE_BN_SETTINGS,
+        "freeze_bn_stats",
+        cfg.freeze_bn_stats,
+        f"one of {FREEZE_BN_SETTINGS}",
+    )
     _require(
         cfg.near_duplicates in NEAR_DUPLICATES,
         "near_duplicates",
@@ -289,6 +296,8 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         if kind is bool:
             return value if isinstance(value, bool) else _parse_bool(value)
         if kind is str:
+            if isinstance(value, bool):  # YAML true/false for a text setting (e.g. auto|true|false)
+                return str(value).lower()
             if isinstance(value, list):  # YAML list of class weights
                 return ",".join(str(v) for v in value)
             return str(value)

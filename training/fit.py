@@ -17,6 +17,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
+from training.bn_stats import SAMPLE_IMAGES, SHIFT_LIMIT, bn_statistics_shift, resolve_freeze
 from training.config import TrainConfig
 from training.engine import mean_loss, predict_probs, train_one_epoch
 from training.feature_cache import CachedFeatures, CacheSource
@@ -25,7 +26,8 @@ from training.metrics import (
     expected_calibration_error,
     per_class_metrics,
 )
-from training.model import Classifier, set_trainable
+from training.model import Classifier, backbone_parts, set_trainable
+from training.transforms import to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,40 @@ class Stage:
     epochs: int
     lr: float
     unfreeze_blocks: int | None  # backbone blocks that train; 0 = head only, None = all
+
+
+def resolve_bn_freeze(
+    model: Classifier,
+    cfg: TrainConfig,
+    stages: list[Stage],
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    device: torch.device,
+) -> tuple[bool, float | None]:
+    """`freeze_bn_stats` as applied, and the measured shift when it was `auto`: a seeded
+    sample of the training images in the deterministic validation view, through the
+    pretrained BatchNorm layers of what the last unfreezing stage trains."""
+    if cfg.freeze_bn_stats != "auto":
+        return cfg.freeze_bn_stats == "true", None
+    if cfg.pretrained == "none":
+        return False, None  # random initial statistics: nothing worth keeping
+    unfreezing = [s for s in stages if s.epochs and s.unfreeze_blocks != 0]
+    if not unfreezing:
+        return False, None  # the backbone never trains: its statistics never move
+    names = backbone_parts(model.backbone).unfrozen(unfreezing[-1].unfreeze_blocks)
+    images = train_loader.dataset.images
+    chosen = np.random.default_rng(cfg.seed).permutation(len(images))[:SAMPLE_IMAGES]
+    view = val_loader.dataset.transform
+    batch = torch.stack([to_tensor(view(image=images[i])["image"]) for i in chosen])
+    shift = bn_statistics_shift(model.backbone, batch.to(device), names)
+    frozen = resolve_freeze("auto", shift)
+    log.info(
+        "freeze_bn_stats=auto: BatchNorm statistics shift %s (limit %g): %s",
+        "none to measure" if shift is None else f"{shift:.3f}",
+        SHIFT_LIMIT,
+        "pretrained statistics kept" if frozen else "statistics re-estimated",
+    )
+    return frozen, shift
 
 
 def stages_from(cfg: TrainConfig) -> list[Stage]:
@@ -68,6 +104,8 @@ class FitResult:
     val_probs: np.ndarray | None = None
     val_targets: np.ndarray | None = None
     confusions: dict[int, np.ndarray] = field(default_factory=dict)  # step -> counts
+    bn_stats_frozen: bool = False  # freeze_bn_stats as applied (auto resolved)
+    bn_stat_shift: float | None = None  # measured for freeze_bn_stats=auto (training.bn_stats)
 
 
 def _copy_state(model: nn.Module) -> State:
@@ -230,6 +268,10 @@ def fit(
     model.to(device).to(memory_format=torch.channels_last)
     loss_fn.to(device)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    freeze_bn_stats, result.bn_stat_shift = resolve_bn_freeze(
+        model, cfg, stages, train_loader, val_loader, device
+    )
+    result.bn_stats_frozen = freeze_bn_stats
     for stage_number, stage in enumerate(stages, start=1):
         if stage.epochs == 0:
             continue
@@ -267,7 +309,7 @@ def fit(
                         progress,
                         tools.mix,
                         tools.ema,
-                        freeze_bn_stats=cfg.freeze_bn_stats,
+                        freeze_bn_stats=freeze_bn_stats,
                     )
             except RuntimeError as err:  # e.g. Adam's overflow with an absurd learning rate
                 if "overflow" not in str(err):

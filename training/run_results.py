@@ -41,6 +41,8 @@ def log_summary(tracker: RunTracker, plan, result: FitResult) -> None:
             "best_step": int(best["step"]),
             "best_stage": int(best["stage"]),
             "best_epoch": int(best["epoch"]),
+            "bn_stats_frozen": result.bn_stats_frozen,
+            "bn_stat_shift": "" if result.bn_stat_shift is None else round(result.bn_stat_shift, 4),
         }
     )
     seconds = sum(record["epoch_seconds"] for record in result.history)
