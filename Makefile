@@ -25,8 +25,8 @@ RUN := mlflow run . --env-manager local --experiment-name $(DEMO_EXPERIMENT)
 
 # The main job on the bundled demo data (README quickstart, first command): 5-fold training
 # (with the near-duplicate check before the folds), promotion of the top-3 fold models as the
-# `champion` ensemble, prediction on the held-out test folder, Grad-CAM of the champion on a
-# few test images.
+# `champion` ensemble, prediction on the held-out test folder, then (predict's `explain`
+# option, same process) Grad-CAM of the champion on 8 test images as an explain run.
 demo: install
 	$(PYTHON) -m training.demo_data --output data/demo
 	$(RUN) -e kfold -P config=configs/demo.yaml
