@@ -25,7 +25,7 @@ from registry.explain import run as run_explain
 from registry.images import Preprocessing, decode_bytes, row_bytes
 from registry.inputs import discover_inputs
 from registry.latency import measure, timed_sample
-from registry.store import model_version
+from registry.store import model_version, pinned_model_uri
 from registry.voting import vote
 from training import plots
 from training.cli import run_entry_point
@@ -350,14 +350,6 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictOutcome:
             )
         )
     return outcome
-
-
-def pinned_model_uri(model_uri: str) -> str:
-    """models:/name@alias as the version it points at now (the alias may move later)."""
-    if model_uri.startswith("models:/") and "@" in model_uri:
-        name = model_uri[len("models:/") :].split("@", 1)[0]
-        return f"models:/{name}/{model_version(model_uri)}"
-    return model_uri
 
 
 def predict(cfg: PredictConfig, progress: bool) -> PredictOutcome:

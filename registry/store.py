@@ -1,5 +1,5 @@
 """The registry's only MLflow-writing module: registered models, versions, their tags, aliases
-(and the one lookup of the version behind a models:/ URI).
+(and the lookups of the version behind a models:/ URI).
 
 Run logging (params, artifacts, the pyfunc model) goes through training.tracking.RunTracker.
 """
@@ -82,3 +82,11 @@ def model_version(model_uri: str) -> str:
     if "/" in reference:
         return reference.rsplit("/", 1)[1]
     return ""  # models:/m-<id>: a logged model, not a registry version
+
+
+def pinned_model_uri(model_uri: str) -> str:
+    """models:/name@alias as the version it points at now (the alias may move later)."""
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        name = model_uri[len("models:/") :].split("@", 1)[0]
+        return f"models:/{name}/{model_version(model_uri)}"
+    return model_uri

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY
 from torch import nn
 
-from training.bn_stats import SHIFT_LIMIT, bn_statistics_shift, resolve_freeze
+from training.bn_stats import SHIFT_LIMIT, bn_statistics_shift, keeps_pretrained
 from training.config import ConfigError, TrainConfig, resolve_config
 from training.engine import ImageArrayDataset, make_loader
 from training.fit import Stage, resolve_bn_freeze
@@ -60,20 +60,22 @@ def test_images_that_fit_the_statistics_shift_little_and_others_a_lot():
     far = bn_statistics_shift(model.backbone, batch * 6, names)  # other contrast, far off
     assert far > SHIFT_LIMIT
     model.train()
+    model.backbone.blocks[0].eval()  # e.g. a frozen block, as training.model.train_mode sets
     bn_statistics_shift(model.backbone, batch, names)
-    assert model.backbone.training  # the measure leaves the mode as it found it
+    # The measure leaves every module's mode as it found it.
+    assert model.backbone.training and model.backbone.blocks[-1].training
+    assert not any(m.training for m in model.backbone.blocks[0].modules())
 
 
 def test_nothing_to_measure_without_batchnorm_among_the_trained_parts():
     model = _fitted_statistics(_batch())
     assert bn_statistics_shift(model.backbone, _batch(), []) is None
-    assert resolve_freeze("auto", None) is False
+    assert keeps_pretrained(None) is False
 
 
-def test_the_rule_explicit_settings_win_and_auto_follows_the_limit():
-    assert resolve_freeze("true", 5.0) is True and resolve_freeze("false", 0.0) is False
-    assert resolve_freeze("auto", SHIFT_LIMIT / 2) is True
-    assert resolve_freeze("auto", SHIFT_LIMIT * 2) is False
+def test_the_auto_rule_follows_the_limit():
+    assert keeps_pretrained(SHIFT_LIMIT / 2) is True
+    assert keeps_pretrained(SHIFT_LIMIT * 2) is False
 
 
 def test_auto_never_freezes_random_statistics_nor_a_backbone_that_does_not_train(loaders_like):
@@ -84,6 +86,12 @@ def test_auto_never_freezes_random_statistics_nor_a_backbone_that_does_not_train
     measured = dataclasses.replace(cfg, pretrained="hub")  # as if pretrained: measured
     frozen, shift = resolve_bn_freeze(model, measured, stages, train, val, torch.device("cpu"))
     assert shift is not None and frozen == (shift < SHIFT_LIMIT)
+    for given, applied in (("true", True), ("false", False)):  # explicit settings win
+        explicit = dataclasses.replace(measured, freeze_bn_stats=given)
+        assert resolve_bn_freeze(model, explicit, stages, train, val, torch.device("cpu")) == (
+            applied,
+            None,
+        )
     head_only = [Stage("stage1", 2, 1e-3, 0), Stage("stage2", 0, 1e-3, 2)]
     assert resolve_bn_freeze(model, measured, head_only, train, val, torch.device("cpu")) == (
         False,

@@ -38,7 +38,7 @@ def bn_statistics_shift(
         shifts.append(float(ratio.log().abs().mean()))
 
     hooks = [layer.register_forward_hook(record) for layer in layers]
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # may differ per module
     try:
         model.eval()  # the running statistics are read, never updated
         with torch.no_grad():
@@ -46,13 +46,12 @@ def bn_statistics_shift(
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return float(np.mean(shifts))
 
 
-def resolve_freeze(setting: str, shift: float | None) -> bool:
-    """`freeze_bn_stats` as applied: true / false as given; auto freezes when the measured
-    shift is below SHIFT_LIMIT (no BatchNorm to measure: nothing to freeze)."""
-    if setting != "auto":
-        return setting == "true"
+def keeps_pretrained(shift: float | None) -> bool:
+    """The auto rule: keep the statistics when the measured shift is below SHIFT_LIMIT (no
+    BatchNorm to measure: nothing to keep)."""
     return shift is not None and shift < SHIFT_LIMIT

@@ -17,7 +17,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
-from training.bn_stats import SAMPLE_IMAGES, SHIFT_LIMIT, bn_statistics_shift, resolve_freeze
+from training.bn_stats import SAMPLE_IMAGES, SHIFT_LIMIT, bn_statistics_shift, keeps_pretrained
 from training.config import TrainConfig
 from training.engine import mean_loss, predict_probs, train_one_epoch
 from training.feature_cache import CachedFeatures, CacheSource
@@ -72,7 +72,7 @@ def resolve_bn_freeze(
     view = val_loader.dataset.transform
     batch = torch.stack([to_tensor(view(image=images[i])["image"]) for i in chosen])
     shift = bn_statistics_shift(model.backbone, batch.to(device), names)
-    frozen = resolve_freeze("auto", shift)
+    frozen = keeps_pretrained(shift)
     log.info(
         "freeze_bn_stats=auto: BatchNorm statistics shift %s (limit %g): %s",
         "none to measure" if shift is None else f"{shift:.3f}",
