@@ -45,13 +45,14 @@ from training.data import LabelledImages, load_labelled_images  # noqa: E402
 from training.engine import ImageArrayDataset, make_loader  # noqa: E402
 from training.feature_cache import backbone_features  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
-from training.model import create_classifier  # noqa: E402
-from training.transforms import eval_transform  # noqa: E402
+from training.model import create_classifier, view_crop_pct  # noqa: E402
+from training.transforms import decode_side, eval_transform  # noqa: E402
 
 RESULTS = ROOT / "bench" / "real_results.json"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 START, END = "<!-- bench-real:start -->", "<!-- bench-real:end -->"
 LITE0 = {"model": "tf_efficientnet_lite0", "pretrained": "lite0-pypi"}
+CROP_PCT = view_crop_pct(LITE0["model"], "crop")  # the default `resize`; the bare script squashes
 FULL = {"image_size": 224}
 QUICK = {"image_size": 64, "stage1_epochs": 1, "stage2_epochs": 1}
 TUTORIAL = (
@@ -80,7 +81,8 @@ class Photos:
 
 
 def photos(folder: Path, size: int) -> Photos:
-    return Photos(load_labelled_images(folder, size, progress=False))
+    """Decoded as `train` decodes by default (the shorter side kept for Lite0's centre crop)."""
+    return Photos(load_labelled_images(folder, decode_side(size, CROP_PCT), progress=False))
 
 
 def scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -93,13 +95,13 @@ def load() -> float:
 
 
 def linear_probe(train: Photos, val: Photos, size: int) -> dict:
-    """Frozen Lite0 features (resize + normalise, the project's eval view) + scikit-learn's
-    logistic regression."""
+    """Frozen Lite0 features (the project's default eval view: centre crop, resize, normalise)
+    + scikit-learn's logistic regression."""
     from sklearn.linear_model import LogisticRegression
 
     start = time.perf_counter()
     model, info = create_classifier(LITE0["model"], 2, 0.0, LITE0["pretrained"])
-    transform = eval_transform(size, info.mean, info.std)
+    transform = eval_transform(size, info.mean, info.std, CROP_PCT)
 
     def features(folder: Photos) -> np.ndarray:
         dataset = ImageArrayDataset(folder.data.images, folder.labels, transform)
@@ -216,6 +218,7 @@ def run(quick: bool = False, with_kfold: bool = False) -> dict:
                 print(json.dumps(arms[-1]), file=sys.stderr, flush=True)
     return {
         "image_size": size,
+        "view": f"the centre {CROP_PCT:g} of the shorter side (`resize=crop`)",
         "train_images": len(train.paths),
         "val_images": len(val.paths),
         "arms": arms,
@@ -265,7 +268,9 @@ def section(result: dict, command: str, minutes: float, notes: str = "") -> str:
         f"- Date: {result['date']}; command `{command}` ({minutes:.1f} minutes, 2 shared cores)",
         f"- {result['train_images']} training photos (`train/`), scored on the "
         f"{result['val_images']} photos of `val/` that no arm trains or selects on; "
-        f"{result['image_size']} px, EfficientNet-Lite0 with the offline ImageNet weights.",
+        f"{result['image_size']} px, EfficientNet-Lite0 with the offline ImageNet weights; "
+        f"the project's arms and the probe see {result.get('view', 'the squashed photo')}, "
+        "the bare script the squashed photo.",
         f"- Published reference: {TUTORIAL}.",
         "",
         *table(result),

@@ -32,10 +32,12 @@ from training.config import TrainConfig, parse_cli  # noqa: E402
 from training.data import load_labelled_images  # noqa: E402
 from training.engine import ImageArrayDataset, make_loader, pick_device, predict_probs  # noqa: E402
 from training.feature_cache import backbone_features  # noqa: E402
+from training.job_data import load_job_data  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
+from training.model import view_crop_pct  # noqa: E402
 from training.pipeline import fit_inputs, plan_training  # noqa: E402
 from training.splits import holdout_split  # noqa: E402
-from training.transforms import eval_transform  # noqa: E402
+from training.transforms import decode_side, eval_transform  # noqa: E402
 
 REAL = real_data_folder()
 BASE = [
@@ -47,9 +49,10 @@ BASE = [
 def held_out_scorer(cfg: TrainConfig, model, info, device):
     """A function scoring the judged weights on val/ (the cached stage's head on features
     computed once, else a forward pass)."""
-    test = load_labelled_images(REAL / "val", cfg.image_size, progress=False)
+    crop_pct = view_crop_pct(cfg.model, cfg.resize)
+    test = load_labelled_images(REAL / "val", decode_side(cfg.image_size, crop_pct), progress=False)
     dataset = ImageArrayDataset(
-        test.images, test.labels, eval_transform(cfg.image_size, info.mean, info.std)
+        test.images, test.labels, eval_transform(cfg.image_size, info.mean, info.std, crop_pct)
     )
     loader = make_loader(dataset, 64, False, 0)
     state = {"features": None}
@@ -70,7 +73,7 @@ def held_out_scorer(cfg: TrainConfig, model, info, device):
 
 
 def run(cfg: TrainConfig, name: str) -> dict:
-    data = load_labelled_images(cfg.data, cfg.image_size, progress=False)
+    data = load_job_data(dataclasses.replace(cfg, near_duplicates="off"))
     mask = holdout_split(data.label_names, data.groups, cfg.val_fraction, cfg.seed)
     plan = plan_training(cfg, data, mask)
     device = pick_device(cfg.device)

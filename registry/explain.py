@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -32,9 +32,11 @@ from training.gradcam import (
     explain,
     overlay,
     overlay_sheet,
+    seen_views,
 )
 from training.names import data_label
 from training.tracking import RunTracker, configure_tracking, scratch_dir
+from training.transforms import decode_side
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ def load_explainable(model_uri: str, folder: Path) -> LoadedModel:
                 std=tuple(float(v) for v in info["std"]),
                 weight=float(member.info.get("weight", 1.0)) if weighted else 1.0,
                 name=member.name,
+                crop_pct=float(info.get("crop_pct", 0.0)),  # models before it squashed
             )
         )
     return LoadedModel(loaded, class_names or [], is_ensemble=bool(meta.get("members")))
@@ -290,9 +293,11 @@ def run(cfg: ExplainConfig) -> ExplainOutcome:
     table = find_images(cfg)
     with scratch_dir() as folder:
         loaded = load_explainable(cfg.resolved_model_uri, folder)
-    max_side = max(member.image_size for member in loaded.members)
+    max_side = max(decode_side(m.image_size, m.crop_pct) for m in loaded.members)
     table, images = decode_all(table, max_side)
     table, images, truth = keep_known_labels(table, images, loaded.class_names, cfg.target)
+    members, images = seen_views(loaded.members, images)
+    loaded = replace(loaded, members=members)
     heatmaps, predicted, probs, check, layers = explain_images(loaded, images, truth, cfg)
     results = results_table(table, loaded.class_names, predicted, probs, check)
     run_id = log_explain_run(cfg, loaded, images, heatmaps, results, check, layers)

@@ -17,7 +17,7 @@ from PIL import UnidentifiedImageError
 
 from registry.tta import View, apply_view
 from training.data import decode_image
-from training.transforms import eval_transform, to_tensor
+from training.transforms import decode_side, eval_transform, to_tensor
 
 
 class ImageInputError(ValueError):
@@ -32,6 +32,7 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     face_crop: bool = False
+    crop_pct: float = 0.0  # centre square seen (training.transforms); 0 = whole image, squashed
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> Preprocessing:
@@ -40,12 +41,18 @@ class Preprocessing:
             mean=tuple(float(v) for v in meta["mean"]),
             std=tuple(float(v) for v in meta["std"]),
             face_crop=bool(meta.get("face_crop", False)),
+            crop_pct=float(meta.get("crop_pct", 0.0)),  # models before it squashed
         )
+
+    @property
+    def decode_side(self) -> int:
+        """The shorter side training decoded its images at."""
+        return decode_side(self.image_size, self.crop_pct)
 
     @property
     def decode_key(self) -> tuple[int, bool]:
         """Members sharing this key share one decoded copy of each image."""
-        return self.image_size, self.face_crop
+        return self.decode_side, self.face_crop
 
 
 def _present(value: Any) -> bool:
@@ -76,9 +83,9 @@ def row_bytes(image: Any, path: Any) -> bytes:
 
 def decode_bytes(data: bytes, prep: Preprocessing) -> np.ndarray:
     """Decode exactly as training did: uint8 RGB, face crop if trained so, shorter side
-    shrunk to the training size (training.data.decode_image), before the eval transform."""
+    shrunk as training did (training.data.decode_image), before the eval transform."""
     try:
-        return decode_image(io.BytesIO(data), prep.image_size, prep.face_crop)
+        return decode_image(io.BytesIO(data), prep.decode_side, prep.face_crop)
     except UnidentifiedImageError:
         raise ImageInputError("unreadable image (not a known image format)") from None
     except (OSError, ValueError, SyntaxError) as err:  # truncated or malformed files
@@ -89,7 +96,7 @@ def member_batch(
     images: Sequence[np.ndarray], views: Sequence[View], prep: Preprocessing
 ) -> torch.Tensor:
     """(N * V, 3, S, S) float tensor, image-major: rows i*V .. i*V+V-1 are image i's views."""
-    transform = eval_transform(prep.image_size, prep.mean, prep.std)
+    transform = eval_transform(prep.image_size, prep.mean, prep.std, prep.crop_pct)
     return torch.stack(
         [
             to_tensor(transform(image=apply_view(image, view))["image"])

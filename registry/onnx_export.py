@@ -29,9 +29,12 @@ log = logging.getLogger(__name__)
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 PARITY_TOLERANCE = 1e-4  # max |onnx - torch| logit difference accepted at export time
 PREPROCESSING = (
-    "RGB uint8; shorter side shrunk to image_size if larger (PIL bilinear); [an ensemble's "
-    "TTA view, see view_recipe in ensemble.json]; resize to image_size x image_size "
-    "(cv2 INTER_LINEAR); (pixel / 255 - mean) / std; NCHW float32"
+    "RGB uint8; shorter side shrunk to S = ceil(image_size / crop_pct) if larger (PIL "
+    "bilinear; S = image_size when crop_pct is 0); [an ensemble's TTA view, see view_recipe in "
+    "ensemble.json]; when crop_pct > 0, keep the centred square of side "
+    "max(1, round(crop_pct * min(H, W))), its top-left corner at ((H - side) // 2, "
+    "(W - side) // 2); resize to image_size x image_size (cv2 INTER_LINEAR); "
+    "(pixel / 255 - mean) / std; NCHW float32"
 )
 
 
@@ -122,6 +125,7 @@ def export_members(model_folder: Path, output: Path, opset: int) -> list[Path]:
             "preprocessing": PREPROCESSING,
             "max_abs_diff_vs_torch": gap,
             **{k: info.get(k) for k in ("model_name", "class_names", "image_size", "mean", "std")},
+            "crop_pct": float(info.get("crop_pct", 0.0)),
             "face_crop": bool(info.get("face_crop", False)),
             **{k: member.info[k] for k in ("fold", "run_id", "weight") if k in member.info},
         }

@@ -25,13 +25,15 @@ class View:
 # How apply_view works, for ensemble.json: enough to reproduce the views outside Python.
 VIEW_RECIPE = (
     "Views are applied to each member's decoded image (uint8 RGB, H x W, after the shorter "
-    "side was shrunk to the member's image_size), before the member's resize: "
+    "side was shrunk as the member's preprocessing says), before the member's centre crop "
+    "and resize: "
     "top = round(view.top * H), left = round(view.left * W), "
     "bottom = min(H, max(top + 1, round((view.top + view.height) * H))), "
     "right = min(W, max(left + 1, round((view.left + view.width) * W))), "
     "where round() rounds halves to even (Python round, numpy.round); keep rows top:bottom "
-    "and columns left:right; if flip, mirror left-right; then resize and normalise as the "
-    "member's preprocessing says. A request with tta = n uses the first n views."
+    "and columns left:right; if flip, mirror left-right; then centre square, resize and "
+    "normalise as the member's preprocessing says. A request with tta = n uses the first n "
+    "views."
 )
 
 

@@ -26,4 +26,5 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Classifier:
     model.load_state_dict(saved["state_dict"])
     model.class_names = saved["class_names"]
     model.preprocessing = {k: saved[k] for k in ("image_size", "mean", "std", "face_crop")}
+    model.preprocessing["crop_pct"] = saved.get("crop_pct", 0.0)  # older checkpoints squashed
     return model.to(device).eval()

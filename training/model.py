@@ -59,6 +59,15 @@ class ModelInfo:
     weights_source: str
 
 
+def view_crop_pct(model_name: str, resize: str) -> float:
+    """The share of the shorter side the model sees: the crop_pct of the model's pretrained
+    config (timm's eval crop; timm's default when it has none) for `crop`, 0 for `squash`."""
+    if resize == "squash":
+        return 0.0
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    return float(getattr(pretrained_cfg, "crop_pct", None) or timm.data.DEFAULT_CROP_PCT)
+
+
 def create_classifier(
     model_name: str, num_classes: int, dropout: float, pretrained: str
 ) -> tuple[Classifier, ModelInfo]:

@@ -20,7 +20,13 @@ from training.fit import fit, stages_from
 from training.leakage import describe_pairs, leakage_metrics
 from training.losses import create_loss, resolve_class_weights
 from training.metric_keys import epoch_metrics
-from training.model import Classifier, ModelInfo, backbone_parts, create_classifier
+from training.model import (
+    Classifier,
+    ModelInfo,
+    backbone_parts,
+    create_classifier,
+    view_crop_pct,
+)
 from training.run_results import (
     input_example,
     log_checkpoints,
@@ -112,6 +118,7 @@ def model_metadata(plan: TrainingPlan) -> dict:
         "model_name": cfg.model,
         "class_names": list(plan.data.class_names),
         "image_size": cfg.image_size,
+        "crop_pct": view_crop_pct(cfg.model, cfg.resize),
         "mean": list(plan.model_info.mean),
         "std": list(plan.model_info.std),
         "face_crop": cfg.augment == "facecrop",
@@ -135,15 +142,16 @@ def fit_inputs(plan: TrainingPlan) -> FitInputs:
     the loss with its class weights, and the stage-1 feature cache when allowed."""
     cfg, data = plan.cfg, plan.data
     mean, std = plan.model_info.mean, plan.model_info.std
+    crop_pct = view_crop_pct(cfg.model, cfg.resize)
     train_set = ImageArrayDataset(
         [data.images[i] for i in plan.train_indices],
         data.labels[plan.train_indices],
-        train_transform(cfg.augment, cfg.image_size, mean, std, cfg.seed),
+        train_transform(cfg.augment, cfg.image_size, mean, std, cfg.seed, crop_pct),
     )
     val_set = ImageArrayDataset(
         [data.images[i] for i in plan.val_indices],
         data.labels[plan.val_indices],
-        eval_transform(cfg.image_size, mean, std),
+        eval_transform(cfg.image_size, mean, std, crop_pct),
     )
     train_loader = make_loader(
         train_set, cfg.batch_size, True, cfg.seed, cfg.num_workers, cfg.balanced_sampling
@@ -195,6 +203,7 @@ def execute(
             "class_names": data.class_names,
             "class_weights_resolved": plan.class_weights or _no_weights_reason(cfg),
             "weights_source": plan.model_info.weights_source,
+            "crop_pct": meta["crop_pct"],
             "train_images": int((~plan.val_mask).sum()),
             "val_images": int(plan.val_mask.sum()),
             "skipped_images": len(data.skipped),
