@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ import requests
 import torch
 from conftest import TINY
 from PIL import Image, ImageOps
+from sklearn.datasets import load_digits
 from sklearn.metrics import f1_score
 
 from registry import explain as explain_job
@@ -42,7 +44,7 @@ from training.kfold_job import KFoldConfig, prepare_job
 from training.kfold_pipeline import run_kfold
 from training.model import create_classifier
 from training.tracking import load_artifact_csv
-from training.transforms import eval_transform, to_tensor
+from training.transforms import decode_side, eval_transform, to_tensor
 
 JOB = {**TINY, "stage1_epochs": 1, "stage2_epochs": 1, "folds": 3}
 MODEL = "digits"
@@ -308,10 +310,10 @@ def test_champion_version_shows_its_out_of_fold_figures_and_folds(reg):
 def _member_logits(member_uri: str, paths: list[str]) -> np.ndarray:
     info = mlflow.models.get_model_info(member_uri).metadata
     model = mlflow.pytorch.load_model(member_uri)
-    transform = eval_transform(info["image_size"], info["mean"], info["std"])
-    batch = torch.stack(
-        [to_tensor(transform(image=decode_image(p, info["image_size"]))["image"]) for p in paths]
-    )
+    size, crop_pct = info["image_size"], info["crop_pct"]
+    transform = eval_transform(size, info["mean"], info["std"], crop_pct)
+    side = decode_side(size, crop_pct)
+    batch = torch.stack([to_tensor(transform(image=decode_image(p, side))["image"]) for p in paths])
     with torch.no_grad():
         return model(batch).numpy()
 
@@ -614,6 +616,32 @@ def _np_view(image: np.ndarray, view: dict) -> np.ndarray:
     return crop[:, ::-1] if view["flip"] else crop
 
 
+def _np_centre_square(image: np.ndarray, crop_pct: float) -> np.ndarray:
+    """Member JSON 'preprocessing', the centre crop (none when crop_pct is 0)."""
+    if not crop_pct:
+        return image
+    rows, cols = image.shape[:2]
+    side = max(1, round(crop_pct * min(rows, cols)))
+    top, left = (rows - side) // 2, (cols - side) // 2
+    return image[top : top + side, left : left + side]
+
+
+def _wide_photos(folder: Path, count: int = 3) -> list[str]:
+    """Non-square colour images larger than the members' input, bright at both ends: there
+    the centre crop changes what a member sees (the 8 px digits are too small for a crop)."""
+    digits = load_digits()
+    paths = []
+    for index in range(count):
+        grey = (digits.images[index] * (255 / 16)).astype(np.uint8)
+        image = np.repeat(np.kron(grey, np.ones((5, 7), dtype=np.uint8))[..., None], 3, axis=2)
+        image[:, :8] = (255, 200, 0)
+        image[:, -8:] = (0, 200, 255)
+        path = folder / f"wide{index}.png"
+        Image.fromarray(image).save(path)
+        paths.append(str(path))
+    return paths
+
+
 def _linear_taps(src: int, dst: int, clamp_weights: bool) -> tuple:
     """Source indices and 11-bit weights of OpenCV's INTER_LINEAR (half-pixel centres; at the
     left/right edges the weights are clamped, at the top/bottom only the row indices)."""
@@ -654,11 +682,13 @@ def _onnx_ensemble(folder: Path, paths: list[str], method: str, tta: int) -> tup
     for name in ensemble["members"]:
         spec = json.loads((folder / name).read_text())
         size, mean, std = spec["image_size"], spec["mean"], spec["std"]
+        crop_pct = spec["crop_pct"]
         inputs = []
         for path in paths:
-            image = _np_decode(path, size)
+            image = _np_decode(path, math.ceil(size / crop_pct) if crop_pct else size)
             for view in views:
-                pixels = _np_resize(_np_view(image, view), size).astype(np.float32)
+                seen = _np_centre_square(_np_view(image, view), crop_pct)
+                pixels = _np_resize(seen, size).astype(np.float32)
                 normal = (pixels / 255 - np.float32(mean)) / np.float32(std)
                 inputs.append(normal.transpose(2, 0, 1))
         session = ort.InferenceSession(str(folder / spec["file"]))
@@ -691,7 +721,9 @@ def test_onnx_ensemble_reproduces_the_pyfunc_with_tta(reg, digits_dir, tmp_path)
     assert ensemble["temperature"] == reg.outcome.plan.calibration.temperature != 1.0
     assert "temperature" in ensemble["voting_recipe"]
     assert ensemble["views"] == [dataclasses.asdict(view) for view in tta_views(MAX_VIEWS)]
-    paths = _image_paths(digits_dir, 4)
+    specs = [json.loads((folder / name).read_text()) for name in ensemble["members"]]
+    assert {spec["crop_pct"] for spec in specs} == {0.95}  # test_efficientnet's timm crop
+    paths = _image_paths(digits_dir, 4) + _wide_photos(tmp_path)
     names = ensemble["class_names"]
     for method, tta in [("arithmetic", 2), ("weighted", 3), ("geometric", 4), ("hard", 5)]:
         labels, probs = _onnx_ensemble(folder, paths, method, tta)

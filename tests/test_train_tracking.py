@@ -20,7 +20,7 @@ from training.engine import ImageArrayDataset, make_loader, predict_probs
 from training.pipeline import execute, plan_training
 from training.splits import holdout_split
 from training.tracking import HEADLINE_VIEW, SAVED_VIEW_TAG, RunTracker
-from training.transforms import eval_transform
+from training.transforms import decode_side, eval_transform
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +230,11 @@ def test_val_predictions_match_the_logged_model(finished_run, digits_dir):
     from training.data import decode_image
 
     meta = mlflow.models.get_model_info(outcome.model_uri).metadata
-    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
-    images = [decode_image(p, 32) for p in table["path"]]
+    run = mlflow.get_run(outcome.run_id)
+    # What ran is what the model carries: test_efficientnet's timm crop, logged as a param.
+    assert meta["crop_pct"] == float(run.data.params["crop_pct"]) == 0.95
+    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["crop_pct"])
+    images = [decode_image(p, decode_side(32, meta["crop_pct"])) for p in table["path"]]
     labels = [int(v) for v in table["label"]]
     loader = make_loader(ImageArrayDataset(images, labels, transform), 8, False, 0)
     probs, _ = predict_probs(model, loader, torch.device("cpu"), progress=False)

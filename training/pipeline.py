@@ -65,6 +65,11 @@ class TrainingPlan:
     def val_indices(self) -> np.ndarray:
         return np.flatnonzero(self.val_mask)
 
+    @property
+    def crop_pct(self) -> float:
+        """The share of the shorter side the model sees (training.transforms; 0 = squash)."""
+        return view_crop_pct(self.cfg.model, self.cfg.resize)
+
 
 def plan_training(cfg: TrainConfig, data: LabelledImages, val_mask: np.ndarray) -> TrainingPlan:
     """Resolve class weights and build the model (weights errors surface here)."""
@@ -118,7 +123,7 @@ def model_metadata(plan: TrainingPlan) -> dict:
         "model_name": cfg.model,
         "class_names": list(plan.data.class_names),
         "image_size": cfg.image_size,
-        "crop_pct": view_crop_pct(cfg.model, cfg.resize),
+        "crop_pct": plan.crop_pct,
         "mean": list(plan.model_info.mean),
         "std": list(plan.model_info.std),
         "face_crop": cfg.augment == "facecrop",
@@ -142,7 +147,7 @@ def fit_inputs(plan: TrainingPlan) -> FitInputs:
     the loss with its class weights, and the stage-1 feature cache when allowed."""
     cfg, data = plan.cfg, plan.data
     mean, std = plan.model_info.mean, plan.model_info.std
-    crop_pct = view_crop_pct(cfg.model, cfg.resize)
+    crop_pct = plan.crop_pct
     train_set = ImageArrayDataset(
         [data.images[i] for i in plan.train_indices],
         data.labels[plan.train_indices],

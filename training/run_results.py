@@ -25,7 +25,6 @@ from training.metrics import (
     report,
     report_text,
 )
-from training.model import view_crop_pct
 from training.names import model_name_for
 from training.tracking import RunTracker, scratch_dir
 
@@ -106,8 +105,9 @@ def log_gradcam(tracker: RunTracker, plan, result: FitResult) -> None:
     if count <= 0:
         return
     info = plan.model_info
-    crop_pct = view_crop_pct(plan.cfg.model, plan.cfg.resize)
-    member = ExplainedModel(plan.model, plan.cfg.image_size, info.mean, info.std, crop_pct=crop_pct)
+    member = ExplainedModel(
+        plan.model, plan.cfg.image_size, info.mean, info.std, crop_pct=plan.crop_pct
+    )
     images = [plan.data.images[i] for i in plan.val_indices]
     figure = misclassified_figure(
         member, images, result.val_targets, plan.data.class_names, count, result.val_probs
