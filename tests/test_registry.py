@@ -383,7 +383,9 @@ out = model.predict(None, request)
 peak = status_mb("VmHWM")
 print(json.dumps({"before": before, "peak": peak, "rows": len(out), "errors": int(any(out.error))}))
 """
-REQUEST_MEMORY_BOUND_MB = 150  # peak RSS growth allowed for the 1,000-image request
+# Peak RSS growth allowed for the 1,000-image request: it measures 65-90 MB alone, once 162 MB
+# in a full parallel run; with no chunking (the defect this guards) it grows by ~1,800 MB.
+REQUEST_MEMORY_BOUND_MB = 200
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
