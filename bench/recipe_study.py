@@ -34,8 +34,7 @@ from training.engine import ImageArrayDataset, make_loader, pick_device, predict
 from training.feature_cache import backbone_features  # noqa: E402
 from training.job_data import load_job_data  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
-from training.model import view_crop_pct  # noqa: E402
-from training.pipeline import fit_inputs, plan_training  # noqa: E402
+from training.pipeline import TrainingPlan, fit_inputs, plan_training  # noqa: E402
 from training.splits import holdout_split  # noqa: E402
 from training.transforms import decode_side, eval_transform  # noqa: E402
 
@@ -46,14 +45,15 @@ BASE = [
 ]
 
 
-def held_out_scorer(cfg: TrainConfig, model, info, device):
+def held_out_scorer(plan: TrainingPlan, device):
     """A function scoring the judged weights on val/ (the cached stage's head on features
-    computed once, else a forward pass)."""
-    crop_pct = view_crop_pct(cfg.model, cfg.resize)
-    test = load_labelled_images(REAL / "val", decode_side(cfg.image_size, crop_pct), progress=False)
+    computed once, else a forward pass), seen as the plan's validation photos are."""
+    size, crop_pct, info = plan.cfg.image_size, plan.crop_pct, plan.model_info
+    test = load_labelled_images(REAL / "val", decode_side(size, crop_pct), progress=False)
     dataset = ImageArrayDataset(
-        test.images, test.labels, eval_transform(cfg.image_size, info.mean, info.std, crop_pct)
+        test.images, test.labels, eval_transform(size, info.mean, info.std, crop_pct)
     )
+    model = plan.model
     loader = make_loader(dataset, 64, False, 0)
     state = {"features": None}
 
@@ -78,7 +78,7 @@ def run(cfg: TrainConfig, name: str) -> dict:
     plan = plan_training(cfg, data, mask)
     device = pick_device(cfg.device)
     inputs = fit_inputs(plan)
-    score = held_out_scorer(cfg, plan.model, plan.model_info, device)
+    score = held_out_scorer(plan, device)
     scores: list[dict[str, float]] = []
     original = fit_module._validate
 

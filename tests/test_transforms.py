@@ -18,7 +18,7 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 def _landscape() -> np.ndarray:
-    """40 x 60: a bright 4-pixel frame on the left and right ends, a grey middle."""
+    """40 x 60: bright 12-pixel bands at the left and right ends, a grey middle."""
     image = np.full((40, 60, 3), 100, dtype=np.uint8)
     image[:, :12] = 255
     image[:, -12:] = 255
