@@ -34,7 +34,7 @@ from training.engine import ImageArrayDataset, make_loader, pick_device, predict
 from training.feature_cache import backbone_features  # noqa: E402
 from training.job_data import load_job_data  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
-from training.pipeline import TrainingPlan, fit_inputs, plan_training  # noqa: E402
+from training.pipeline import TrainingPlan, fit_inputs, fit_plan, plan_training  # noqa: E402
 from training.splits import holdout_split  # noqa: E402
 from training.transforms import decode_side, eval_transform  # noqa: E402
 
@@ -72,10 +72,16 @@ def held_out_scorer(plan: TrainingPlan, device):
     return score
 
 
-def run(cfg: TrainConfig, name: str) -> dict:
+def holdout_plan(cfg: TrainConfig) -> TrainingPlan:
+    """`train`'s plan for the config: its data, holdout split and model (no near-duplicate
+    search: these photos were checked once, and it costs seconds per run)."""
     data = load_job_data(dataclasses.replace(cfg, near_duplicates="off"))
     mask = holdout_split(data.label_names, data.groups, cfg.val_fraction, cfg.seed)
-    plan = plan_training(cfg, data, mask)
+    return plan_training(cfg, data, mask)
+
+
+def run(cfg: TrainConfig, name: str) -> dict:
+    plan = holdout_plan(cfg)
     device = pick_device(cfg.device)
     inputs = fit_inputs(plan)
     score = held_out_scorer(plan, device)
@@ -90,18 +96,7 @@ def run(cfg: TrainConfig, name: str) -> dict:
     fit_module._validate = validate_and_score
     start = time.perf_counter()
     try:
-        result = fit_module.fit(
-            plan.model,
-            inputs.train_loader,
-            inputs.val_loader,
-            inputs.loss_fn,
-            cfg,
-            device,
-            None,
-            None,
-            False,
-            inputs.cache_source,
-        )
+        result = fit_plan(plan, inputs, device, progress=False)
     finally:
         fit_module._validate = original
     seconds = time.perf_counter() - start
@@ -124,7 +119,7 @@ def run(cfg: TrainConfig, name: str) -> dict:
         "config": dataclasses.asdict(cfg),
         "cache": inputs.cache_note,
         "seconds": round(seconds, 1),
-        "holdout_images": int(mask.sum()),
+        "holdout_images": int(plan.val_mask.sum()),
         "epochs": epochs,
     }
 

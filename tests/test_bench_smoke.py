@@ -159,3 +159,40 @@ def test_a_memory_arm_does_not_inherit_its_parents_peak(tmp_path):
     folder = write_photos(tmp_path, 8, 32, classes=2)
     child = memory.measure("project", folder, 32)
     assert child["peak_mb"] < 600 < ballast.nbytes / 2**20
+
+
+def test_fold_study_folds_are_stratified_and_never_share_a_photo(tmp_path):
+    """bench/fold_study.py's evidence on train/ is only held out if no fold's unseen photo
+    is among the photos that fold fits on, and every photo is unseen exactly once."""
+    from bench.common import write_photos
+    from bench.fold_study import fold_folders
+
+    source = write_photos(tmp_path / "photos", 20, 16, classes=2)
+    pairs = fold_folders(source, 0, 5, tmp_path / "folds")
+
+    def names(folder):
+        return {p.relative_to(folder).as_posix() for p in folder.glob("*/*")}
+
+    everything = names(source)
+    unseen_sets = [names(unseen) for _, unseen in pairs]
+    assert sorted(n for s in unseen_sets for n in s) == sorted(everything)
+    for (fit, _), unseen in zip(pairs, unseen_sets, strict=True):
+        assert names(fit) == everything - unseen
+        assert {n.split("/")[0] for n in unseen} == {"class_0", "class_1"}
+
+
+def test_fold_study_averages_float_weights_and_keeps_counters():
+    """The `average` variant is WiSE-FT's interpolation of the two stages' weights; integer
+    buffers (BatchNorm's batch counter) cannot be averaged and come from stage 2."""
+    import torch
+
+    from bench.fold_study import weight_variants
+    from training.fit import FitResult
+
+    first = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    second = {"w": torch.tensor([2.0, 4.0]), "n": torch.tensor(7)}
+    result = FitResult(best_state=second, final_state=second)
+    result.stage_best = {"stage1": (first, {}), "stage2": (second, {})}
+    average = weight_variants(result)["average"]
+    assert torch.equal(average["w"], torch.tensor([1.0, 3.0]))
+    assert average["n"].item() == 7

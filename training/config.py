@@ -64,7 +64,7 @@ class TrainConfig:
     feature_cache: bool = True  # stage 1 trains the head on cached features when augment allows
     freeze_bn_stats: str = "false"  # BatchNorm keeps pretrained statistics: false | true | auto
     patience: int = 5  # early stopping: epochs without improvement of `monitor`
-    monitor: str = "val_f1_macro"  # val_f1_macro | val_accuracy | val_loss
+    monitor: str = "val_loss"  # val_loss | val_f1_macro | val_accuracy (bench/real_notes.md)
     keep: str = "best"  # weights kept per stage: best (by `monitor`) | last epoch
     val_fraction: float = 0.2
     path_column: str = "path"  # CSV manifest: image path column

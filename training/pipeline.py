@@ -16,7 +16,7 @@ from training.config import TrainConfig, config_to_dict, config_to_yaml
 from training.data import LabelledImages
 from training.engine import ImageArrayDataset, make_loader, pick_device
 from training.feature_cache import CACHEABLE_AUGMENTS, CacheSource, cache_refusal
-from training.fit import fit, stages_from
+from training.fit import FitResult, fit, stages_from
 from training.leakage import describe_pairs, leakage_metrics
 from training.losses import create_loss, resolve_class_weights
 from training.metric_keys import epoch_metrics
@@ -167,6 +167,24 @@ def fit_inputs(plan: TrainingPlan) -> FitInputs:
     return FitInputs(train_loader, val_loader, loss_fn, cache_source, cache_note)
 
 
+def fit_plan(
+    plan: TrainingPlan, inputs: FitInputs, device: torch.device, on_epoch=None, progress=True
+) -> FitResult:
+    """Every stage of the plan's config on its model and inputs (training.fit.fit)."""
+    return fit(
+        plan.model,
+        inputs.train_loader,
+        inputs.val_loader,
+        inputs.loss_fn,
+        plan.cfg,
+        device,
+        None,
+        on_epoch,
+        progress,
+        inputs.cache_source,
+    )
+
+
 def stage1_cache(plan: TrainingPlan, plain_transform) -> tuple[CacheSource | None, str]:
     """Whether stage 1 trains on cached features, and the run's note saying so or why not."""
     cfg = plan.cfg
@@ -238,18 +256,7 @@ def execute(
         if on_epoch is not None:
             on_epoch(record)
 
-    result = fit(
-        plan.model,
-        inputs.train_loader,
-        inputs.val_loader,
-        inputs.loss_fn,
-        cfg,
-        device,
-        None,
-        log_epoch,
-        progress,
-        inputs.cache_source,
-    )
+    result = fit_plan(plan, inputs, device, log_epoch, progress)
     plan.model.load_state_dict(result.best_state)
     plan.model.to("cpu").eval()
     log_summary(tracker, plan, result)
