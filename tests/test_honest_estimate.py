@@ -93,6 +93,17 @@ def test_running_score_reads_the_newest_fold_where_the_earlier_ones_choose():
     assert running_fold_score(histories, "val_f1_macro", "max") == pytest.approx(0.85)
 
 
+def test_running_score_can_choose_by_loss_and_read_f1():
+    """Tuning with `cv` reads macro F1 where the earlier folds' `monitor` (the loss by
+    default) is best, as the k-fold job's honest estimate does."""
+    histories = [history(v) for v in CURVES.values()]
+    histories[0]["val_loss"] = [0.9, 0.8, 0.1, 0.5, 0.6]  # lowest at step 2, F1 peaks at 3
+    by_loss = running_fold_score(histories[:2], "val_loss", "min", scored="val_f1_macro")
+    assert by_loss == pytest.approx(0.8)  # fold 1's F1 at step 2
+    assert running_fold_score(histories[:2], "val_loss", "min") == pytest.approx(0.2)
+    assert running_fold_score(histories[:1], "val_loss", "min", scored="val_f1_macro") == 0.8
+
+
 def test_one_finished_fold_has_no_honest_score_and_no_error():
     """Promotion reads the out-of-fold rows of a partly finished job: one fold has no other
     folds to choose its step, so its honest scores are NaN (it used to raise)."""

@@ -86,16 +86,23 @@ def honest_summary(scores: pd.DataFrame) -> dict[str, float]:
 
 
 def running_fold_score(
-    histories: list[pd.DataFrame], monitor: str, mode: str, keep: str = "best"
+    histories: list[pd.DataFrame],
+    monitor: str,
+    mode: str,
+    keep: str = "best",
+    scored: str | None = None,
 ) -> float:
-    """The honest score of the newest fold given only the folds before it, for pruning a
-    cross-validated trial fold by fold: the first fold (nothing to choose on) is read at its
-    last step, later ones at the step the earlier folds choose."""
+    """The honest `scored` value (default: the monitor's) of the newest fold given only the
+    folds before it, for pruning a cross-validated trial fold by fold: the first fold
+    (nothing to choose on) is read at its last step, later ones at the step where the
+    earlier folds' `monitor` is best."""
+    scored = scored or monitor
     newest = len(histories) - 1
     if keep == "last" or newest == 0:
         last = histories[-1]
-        return float(last.loc[last["step"].idxmax(), monitor])
+        return float(last.loc[last["step"].idxmax(), scored])
     curves = fold_curves(dict(enumerate(histories)), monitor)
     others = curves.drop(columns=newest).mean(axis=1).dropna()
     best = np.nanargmax(others.to_numpy()) if mode == "max" else np.nanargmin(others.to_numpy())
-    return float(curves.at[int(others.index[best]), newest])
+    step = int(others.index[best])
+    return float(fold_curves(dict(enumerate(histories)), scored).at[step, newest])

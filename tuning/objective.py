@@ -123,12 +123,17 @@ class Objective:
                 ) as fold_run:
                     outcome = _execute(plan, fold_run, self.figures)
                 histories.append(pd.DataFrame(outcome.history))
-                score = running_fold_score(histories, METRIC, "max", cfg.keep)
+                score = running_fold_score(
+                    histories, cfg.monitor, cfg.monitor_mode, cfg.keep, scored=METRIC
+                )
                 tracker.log_metrics({f"cv/{METRIC}": score}, step=fold)  # a curve over folds
                 trial.report(score, fold)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after fold {fold}")
-            scores = honest_fold_scores(dict(enumerate(histories)), METRIC, "max", cfg.keep)
+            # The k-fold job's estimate: steps chosen by `monitor`, macro F1 read there.
+            scores = honest_fold_scores(
+                dict(enumerate(histories)), cfg.monitor, cfg.monitor_mode, cfg.keep
+            )
             values = scores[f"honest_{METRIC}"]
             value = float(values.mean())
             tracker.log_table(scores, "cv/honest_scores.json")
